@@ -1,0 +1,124 @@
+"""Where an entry is decided: denylist, anti-passback, then a slot by zone, type and fill order."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from typing import Any
+
+from gateway import slots
+from gateway.domain import CommandError, Enter
+from gateway.plates import PlateError, normalise
+from gateway.txn import Txn
+
+# One indexed probe per candidate type: (lot, [zone,] type, status) is an index prefix and ORDER BY follows the
+# index, so the cost is O(log slots) whatever the size of the lot.
+_PICK_ANY_ZONE = (
+    "SELECT id, zone FROM slots INDEXED BY slots_alloc_type"
+    " WHERE lot = ? AND type = ? AND status = 'available' ORDER BY alloc_rank, fill_order LIMIT 1"
+)
+_PICK_IN_ZONE = (
+    "SELECT id, zone FROM slots INDEXED BY slots_alloc_zone"
+    " WHERE lot = ? AND zone = ? AND type = ? AND status = 'available' ORDER BY alloc_rank, fill_order LIMIT 1"
+)
+
+
+def candidate_types(txn: Txn, lot: str, plate: str, requested: str | None) -> list[str]:
+    """Types to try, best first: the requested one; else the vehicle's permits, then unrestricted types."""
+    lot_types = txn.settings.types.get(lot, ())
+    if requested is not None:
+        if requested not in lot_types:
+            raise CommandError("invalid_request", f"lot {lot!r} has no slots of type {requested!r}")
+        return [requested]
+    permitted = [t for t in txn.settings.permits.get(plate, ()) if t in lot_types]
+    open_types = [t for t in lot_types if t not in txn.settings.restricted_types and t not in permitted]
+    open_types.sort(key=lambda t: (t != "standard", lot_types.index(t)))
+    return permitted + open_types
+
+
+def pick_slot(conn: sqlite3.Connection, lot: str, zone: str | None, types: list[str]) -> tuple[str, str] | None:
+    for type_ in types:
+        if zone is None:
+            row = conn.execute(_PICK_ANY_ZONE, (lot, type_)).fetchone()
+        else:
+            row = conn.execute(_PICK_IN_ZONE, (lot, zone, type_)).fetchone()
+        if row is not None:
+            return str(row[0]), str(row[1])
+    return None
+
+
+def _lot_of(txn: Txn, cmd: Enter) -> str:
+    lot = cmd.lot
+    if cmd.gate is not None:
+        gate = txn.settings.gates.get(cmd.gate)
+        if gate is None:
+            raise CommandError("invalid_request", f"unknown gate {cmd.gate!r}")
+        if gate.direction != "entry":
+            raise CommandError("invalid_request", f"gate {cmd.gate!r} is an exit")
+        if lot is not None and lot != gate.lot:
+            raise CommandError("invalid_request", f"gate {cmd.gate!r} belongs to lot {gate.lot!r}, not {lot!r}")
+        lot = gate.lot
+    if lot is None:
+        raise CommandError("invalid_request", "lot is required (or a gate)")
+    if lot not in txn.settings.lots:
+        raise CommandError("unknown_lot", f"no lot {lot!r}")
+    return lot
+
+
+def enter(txn: Txn, cmd: Enter) -> dict[str, Any]:
+    lot = _lot_of(txn, cmd)
+    if cmd.zone is not None and cmd.zone not in txn.settings.zones.get(lot, frozenset()):
+        raise CommandError("invalid_request", f"lot {lot!r} has no zone {cmd.zone!r}")
+    try:
+        plate = normalise(cmd.vehicle)
+    except PlateError as exc:
+        raise CommandError("invalid_request", f"vehicle: {exc}") from None
+    token = txn.key.token(plate)
+    vehicle = txn.vehicle_ref(plate, token)
+
+    def deny(reason: str, code: Any, message: str) -> CommandError:
+        txn.emit("entry.denied", lot=lot, gate=cmd.gate, vehicle=vehicle, reason=reason)
+        return CommandError(code, message, keep_effects=True)
+
+    if plate in txn.settings.deny:
+        raise deny("denied", "denied", "vehicle is on the deny list")
+    existing = txn.conn.execute(
+        "SELECT id, slot, zone FROM sessions WHERE lot = ? AND vehicle = ? AND state = 'active'", (lot, token)
+    ).fetchone()
+    if existing is not None:
+        if txn.settings.anti_passback == "hard":
+            raise deny("already_active", "already_active", f"vehicle already has session {existing['id']}")
+        txn.alert(
+            "session.passback",
+            "warning",
+            {"session": existing["id"], "lot": lot},
+            "entry by a vehicle that already has an active session; the existing session is kept",
+        )
+        return {"session_id": existing["id"], "slot": existing["slot"], "zone": existing["zone"], "existing": True}
+    types = candidate_types(txn, lot, plate, cmd.type)
+    picked = pick_slot(txn.conn, lot, cmd.zone, types)
+    if picked is None:
+        raise deny("full", "full", "no free slot matches")
+    slot_id, zone = picked
+    session_id = str(uuid.uuid4())
+    gate = txn.settings.gates.get(cmd.gate) if cmd.gate is not None else None
+    confirmed_now = gate is None or not gate.has_loops
+    txn.conn.execute(
+        "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, entry_gate, started_at, confirmed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)",
+        (session_id, lot, zone, slot_id, plate, token, cmd.gate, txn.now, txn.now if confirmed_now else None),
+    )
+    txn.emit(
+        "session.started",
+        session_id=session_id,
+        lot=lot,
+        zone=zone,
+        slot=slot_id,
+        vehicle=vehicle,
+        gate=cmd.gate,
+        reservation_id=None,
+    )
+    if confirmed_now:
+        txn.emit("session.confirmed", session_id=session_id, gate=cmd.gate)
+    slots.refresh(txn, slot_id, "session.started")
+    return {"session_id": session_id, "slot": slot_id, "zone": zone}

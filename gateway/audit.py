@@ -1,0 +1,60 @@
+"""Read-only checks of the store's invariants (contract §8, guarantees 1 and 2, and the event sequence)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from gateway.slots import derive_status
+
+FENCES = ("sessions_one_per_slot", "sessions_one_per_vehicle")
+
+
+def audit(conn: sqlite3.Connection) -> list[str]:
+    """Every violation as one line; empty when all invariants hold. Reads one consistent snapshot."""
+    problems: list[str] = []
+    conn.execute("BEGIN")
+    try:
+        for slot, n, ids in conn.execute(
+            "SELECT slot, COUNT(*), GROUP_CONCAT(id, ', ') FROM sessions"
+            " WHERE state = 'active' AND slot IS NOT NULL GROUP BY slot HAVING COUNT(*) > 1 ORDER BY slot"
+        ):
+            problems.append(f"slot {slot}: {n} active sessions ({ids})")
+        for lot, vehicle, n, ids in conn.execute(
+            "SELECT lot, vehicle, COUNT(*), GROUP_CONCAT(id, ', ') FROM sessions"
+            " WHERE state = 'active' GROUP BY lot, vehicle HAVING COUNT(*) > 1 ORDER BY lot, vehicle"
+        ):
+            problems.append(f"lot {lot}: vehicle {vehicle} has {n} active sessions ({ids})")
+        for sid, slot, lot in conn.execute(
+            "SELECT s.id, s.slot, s.lot FROM sessions s LEFT JOIN slots t ON t.id = s.slot"
+            " WHERE s.state = 'active' AND s.slot IS NOT NULL AND (t.id IS NULL OR t.lot != s.lot)"
+        ):
+            problems.append(f"session {sid}: slot {slot} is not a slot of lot {lot}")
+        for slot, stored, blocked, sensor, has_session in conn.execute(
+            "SELECT t.id, t.status, t.blocked, t.sensor_state,"
+            " EXISTS (SELECT 1 FROM sessions s WHERE s.slot = t.id AND s.state = 'active')"
+            " FROM slots t ORDER BY t.id"
+        ):
+            implied = derive_status(bool(has_session), bool(blocked), sensor)
+            if implied != stored:
+                problems.append(f"slot {slot}: status is {stored!r} but the store implies {implied!r}")
+        problems.extend(_check_seq(conn))
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        for fence in FENCES:
+            if fence not in present:
+                problems.append(f"store: fence index {fence} is missing")
+    finally:
+        conn.execute("COMMIT")
+    return problems
+
+
+def _check_seq(conn: sqlite3.Connection) -> list[str]:
+    next_seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+    lo, hi, n = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM outbox").fetchone()
+    if n == 0:
+        return []
+    out = []
+    if hi - lo + 1 != n:
+        out.append(f"outbox: seq {lo}..{hi} has gaps ({hi - lo + 1 - n} missing)")
+    if hi != next_seq - 1:
+        out.append(f"outbox: last seq {hi} but the next to assign is {next_seq}")
+    return out

@@ -1,0 +1,122 @@
+"""The command line (contract §1). Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import ConfigError, GatewayConfig, default_config_path, load_config
+from gateway.store import StoreError, connect, db_path
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="parking-gateway", description="Edge gateway for car parks.")
+    p.add_argument("--version", action="version", version=f"parking-gateway {__version__}")
+    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", type=Path, help="config file (default: $PARKING_GATEWAY_CONFIG, "
+                     "/etc/parking-gateway/gateway.toml, else the bundled demo)")
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("path", type=Path)
+
+    status = sub.add_parser("status", help="availability, sensors and outbox from the store")
+    status.add_argument("--config", type=Path)
+    status.add_argument("--json", action="store_true")
+
+    audit = sub.add_parser("audit", help="check the store's invariants (read-only)")
+    audit.add_argument("--config", type=Path)
+    return p
+
+
+def _config(path: Path | None) -> GatewayConfig:
+    return load_config(path if path is not None else default_config_path())
+
+
+def _read_conn(cfg: GatewayConfig) -> sqlite3.Connection:
+    return connect(db_path(cfg.state_path()), synchronous=cfg.store.synchronous, readonly=True)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.path)
+    specs = cfg.slot_specs()
+    print(f"{args.path}: ok ({len(cfg.lots)} lots, {len(specs)} slots, {len(cfg.gates)} gates)")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from gateway.status import render_text, status_document
+
+    conn = _read_conn(_config(args.config))
+    try:
+        doc = status_document(conn)
+    finally:
+        conn.close()
+    print(json.dumps(doc, indent=2) if args.json else render_text(doc))
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from gateway.audit import audit
+
+    conn = _read_conn(_config(args.config))
+    try:
+        problems = audit(conn)
+    finally:
+        conn.close()
+    for line in problems:
+        print(line)
+    if problems:
+        return 1
+    print("audit: all invariants hold")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import run_daemon
+
+    cfg = _config(args.config)
+    return asyncio.run(run_daemon(cfg))
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "check-config": _cmd_check_config,
+    "status": _cmd_status,
+    "audit": _cmd_audit,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from gateway.logs import configure
+
+    configure(debug=args.debug)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"config error: {line}", file=sys.stderr)
+        return 2
+    except (UsageError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

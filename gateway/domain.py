@@ -1,0 +1,116 @@
+"""Commands the writer applies, the replies it gives and the contract's error codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ErrorCode = Literal[
+    "invalid_request",
+    "unknown_lot",
+    "unknown_slot",
+    "unknown_session",
+    "full",
+    "already_active",
+    "conflict",
+    "payment_required",
+    "denied",
+    "unavailable",
+]
+
+
+class CommandError(Exception):
+    """A refusal with a contract error code; the writer rolls back the command's savepoint."""
+
+    def __init__(self, code: ErrorCode, message: str, *, keep_effects: bool = False) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        # A refusal that still records something (entry.denied, exit.unmatched) keeps its events.
+        self.keep_effects = keep_effects
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    ok: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    code: ErrorCode | None = None
+    message: str | None = None
+
+    @classmethod
+    def error(cls, code: ErrorCode, message: str) -> Reply:
+        return cls(False, {}, code, message)
+
+    def to_json(self, transaction: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"transaction": transaction}
+        if self.ok:
+            out.update(status="ok", data=self.data)
+        else:
+            out.update(status="error", error={"code": self.code, "message": self.message})
+        return out
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Reply:
+        if doc.get("status") == "ok":
+            return cls(True, dict(doc.get("data") or {}))
+        err = doc.get("error") or {}
+        return cls(False, {}, err.get("code", "unavailable"), err.get("message", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    # Same key, same answer: request transactions ("tx:<transaction>") and camera event ids ("cam:<id>:<event>").
+    idempotency_key: str | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Enter(Command):
+    vehicle: str
+    lot: str | None = None
+    zone: str | None = None
+    type: str | None = None
+    gate: str | None = None
+    # "rr:<gate>:<plate>": a re-read of the same plate at the same gate within reread_window gets the first decision
+    reread_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Exit(Command):
+    vehicle: str | None = None
+    session_id: str | None = None
+    gate: str | None = None
+    candidates: tuple[str, ...] = ()
+    reread_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Block(Command):
+    slot: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Unblock(Command):
+    slot: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SensorChange(Command):
+    """A debounced sensor transition, or the sensor going offline/online."""
+
+    sensor: str
+    state: Literal["vacant", "occupied", "offline"]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRejections(Command):
+    """Bad input seen by the drivers: kept in the store (last N) for the operator."""
+
+    items: tuple[tuple[float, str, str, str], ...]  # (at, source, reason, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Housekeeping(Command):
+    """Expire idempotency keys, trim the rejection log and erase old plates."""

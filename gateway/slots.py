@@ -1,0 +1,102 @@
+"""Slot status: derived from sessions, blocks and sensor evidence; block, unblock and sensor changes."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from gateway.domain import Block, CommandError, SensorChange, Unblock
+from gateway.txn import Txn, iso_ms
+
+_RANK = {"vacant": 0, "none": 1, "offline": 2, "occupied": 3}
+
+
+def derive_status(has_session: bool, blocked: bool, sensor_state: str) -> str:
+    """The one rule for a slot's status; the writer stores it and audit recomputes it."""
+    if has_session or sensor_state == "occupied":
+        return "occupied"
+    if blocked:
+        return "blocked"
+    return "available"
+
+
+def alloc_rank(sensor_state: str) -> int:
+    return _RANK[sensor_state]
+
+
+def active_session_on(conn: sqlite3.Connection, slot_id: str) -> str | None:
+    row = conn.execute("SELECT id FROM sessions WHERE slot = ? AND state = 'active'", (slot_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def refresh(txn: Txn, slot_id: str, reason: str, *, sensor_moved: bool = False) -> None:
+    """Recompute a slot's status after a change; emit slot.status when it or the sensor evidence moved."""
+    row = txn.conn.execute(
+        "SELECT lot, zone, status, blocked, sensor_state, alloc_rank FROM slots WHERE id = ?", (slot_id,)
+    ).fetchone()
+    if row is None:
+        return
+    session = active_session_on(txn.conn, slot_id)
+    status = derive_status(session is not None, bool(row["blocked"]), row["sensor_state"])
+    rank = alloc_rank(row["sensor_state"])
+    if status != row["status"]:
+        txn.conn.execute(
+            "UPDATE slots SET status = ?, since = ?, alloc_rank = ? WHERE id = ?", (status, txn.now, rank, slot_id)
+        )
+    elif rank != row["alloc_rank"]:
+        txn.conn.execute("UPDATE slots SET alloc_rank = ? WHERE id = ?", (rank, slot_id))
+    if status != row["status"] or sensor_moved:
+        txn.emit(
+            "slot.status",
+            slot=slot_id,
+            lot=row["lot"],
+            zone=row["zone"],
+            status=status,
+            sensor=row["sensor_state"],
+            reason=reason,
+        )
+
+
+def _slot(txn: Txn, slot_id: str) -> sqlite3.Row:
+    row: sqlite3.Row | None = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
+    if row is None:
+        raise CommandError("unknown_slot", f"no slot {slot_id!r}")
+    return row
+
+
+def block(txn: Txn, cmd: Block) -> dict[str, Any]:
+    _slot(txn, cmd.slot)
+    txn.conn.execute("UPDATE slots SET blocked = 1, block_reason = ? WHERE id = ?", (cmd.reason, cmd.slot))
+    refresh(txn, cmd.slot, "blocked")
+    return {}
+
+
+def unblock(txn: Txn, cmd: Unblock) -> dict[str, Any]:
+    _slot(txn, cmd.slot)
+    txn.conn.execute("UPDATE slots SET blocked = 0, block_reason = NULL WHERE id = ?", (cmd.slot,))
+    refresh(txn, cmd.slot, "unblocked")
+    return {}
+
+
+def sensor_change(txn: Txn, cmd: SensorChange) -> dict[str, Any]:
+    row = txn.conn.execute(
+        "SELECT id, lot, sensor_state FROM slots WHERE sensor = ?", (cmd.sensor,)
+    ).fetchone()
+    if row is None:
+        raise CommandError("unknown_slot", f"no slot has sensor {cmd.sensor!r}")
+    slot_id = row["id"]
+    if row["sensor_state"] == cmd.state:
+        return {"slot": slot_id, "changed": False}
+    txn.conn.execute("UPDATE slots SET sensor_state = ? WHERE id = ?", (cmd.state, slot_id))
+    session = active_session_on(txn.conn, slot_id)
+    if cmd.state == "occupied" and session is None:
+        txn.alert(
+            "slot.unregistered_occupancy",
+            "warning",
+            {"slot": slot_id},
+            f"slot {slot_id} reports a vehicle without a session since {iso_ms(cmd.at)}",
+        )
+    elif cmd.state == "offline":
+        txn.alert("sensor.offline", "warning", {"slot": slot_id, "sensor": cmd.sensor}, "sensor went silent")
+    refresh(txn, slot_id, f"sensor.{cmd.state}", sensor_moved=True)
+    return {"slot": slot_id, "changed": True}

@@ -1,0 +1,210 @@
+"""The SQLite store: schema, migrations, connection settings and the config sync."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from gateway.config import SlotSpec
+
+DB_NAME = "gateway.db"
+
+# Each entry upgrades user_version i -> i+1. Never edit a shipped step: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE lots (id TEXT PRIMARY KEY, name TEXT NOT NULL DEFAULT '');
+    CREATE TABLE zones (lot TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (lot, id));
+    CREATE TABLE slots (
+        id TEXT PRIMARY KEY,
+        lot TEXT NOT NULL,
+        zone TEXT NOT NULL,
+        type TEXT NOT NULL,
+        sensor TEXT NOT NULL,
+        offline_after REAL,
+        fill_order INTEGER NOT NULL,
+        -- derived from sessions, blocks, reservations and sensor evidence; kept in step by the writer
+        status TEXT NOT NULL DEFAULT 'available'
+            CHECK (status IN ('available', 'occupied', 'reserved', 'blocked')),
+        since REAL NOT NULL,
+        blocked INTEGER NOT NULL DEFAULT 0,
+        block_reason TEXT,
+        sensor_state TEXT NOT NULL DEFAULT 'none'
+            CHECK (sensor_state IN ('none', 'vacant', 'occupied', 'offline')),
+        -- 0: sensor reports vacant, 1: no report yet, 2: sensor offline; allocation prefers low ranks
+        alloc_rank INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE UNIQUE INDEX slots_sensor ON slots (sensor);
+    CREATE INDEX slots_alloc_type ON slots (lot, type, status, alloc_rank, fill_order);
+    CREATE INDEX slots_alloc_zone ON slots (lot, zone, type, status, alloc_rank, fill_order);
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        lot TEXT NOT NULL,
+        zone TEXT,
+        slot TEXT,
+        plate TEXT,               -- normalised; erased after the retention period
+        vehicle TEXT NOT NULL,    -- the token
+        state TEXT NOT NULL CHECK (state IN ('active', 'ended', 'cancelled')),
+        entry_gate TEXT,
+        exit_gate TEXT,
+        reservation_id TEXT,
+        started_at REAL NOT NULL,
+        confirmed_at REAL,
+        ended_at REAL,
+        duration_s INTEGER,
+        fee_amount INTEGER,
+        fee_currency TEXT
+    );
+    -- the second fence behind the single writer (guarantee 1)
+    CREATE UNIQUE INDEX sessions_one_per_slot ON sessions (slot) WHERE state = 'active' AND slot IS NOT NULL;
+    CREATE UNIQUE INDEX sessions_one_per_vehicle ON sessions (lot, vehicle) WHERE state = 'active';
+    CREATE INDEX sessions_active_plate ON sessions (lot, plate) WHERE state = 'active';
+    CREATE INDEX sessions_ended_at ON sessions (ended_at) WHERE state != 'active';
+    CREATE TABLE idempotency (
+        key TEXT PRIMARY KEY,
+        reply TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX idempotency_created ON idempotency (created_at);
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE TABLE rejections (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        source TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('next_seq', '1');
+    """,
+)
+
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+class StoreError(Exception):
+    pass
+
+
+def db_path(state_dir: Path) -> Path:
+    return state_dir / DB_NAME
+
+
+def connect(path: Path, *, synchronous: Synchronous = "FULL", readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the project's settings; autocommit mode, transactions are explicit."""
+    if readonly:
+        if not path.exists():
+            raise StoreError(f"{path}: no store here (has the gateway run with this config?)")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version; returns it. Refuses a store from a newer release."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"store schema version {version} is newer than this release knows ({len(MIGRATIONS)}); upgrade"
+        )
+    for target in range(version + 1, len(MIGRATIONS) + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split(MIGRATIONS[target - 1]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+def _split(script: str) -> Iterable[str]:
+    # executescript() would COMMIT our open transaction; run statement by statement instead.
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf
+            buf = ""
+    if buf.strip():
+        yield buf
+
+
+def sync_config(
+    conn: sqlite3.Connection, lots: dict[str, str], specs: list[SlotSpec], now: float | None = None
+) -> None:
+    """Make lots, zones and slots match the config; refuse to drop a slot that a session occupies."""
+    now = time.time() if now is None else now
+    wanted = {s.id: s for s in specs}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        existing = {r["id"]: r for r in conn.execute("SELECT id, lot, zone, type, sensor FROM slots")}
+        gone = [sid for sid in existing if sid not in wanted]
+        moved = [sid for sid, r in existing.items() if sid in wanted and r["lot"] != wanted[sid].lot]
+        busy = _busy_slots(conn, gone + moved)
+        if busy:
+            raise StoreError(
+                "config removes or moves slots that have an active session: "
+                + ", ".join(sorted(busy))
+                + " (end those sessions first)"
+            )
+        for lot_id, name in lots.items():
+            conn.execute(
+                "INSERT INTO lots (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                (lot_id, name),
+            )
+        conn.executemany("DELETE FROM slots WHERE id = ?", [(sid,) for sid in gone])
+        # Sensor ids are unique; clear the old ones first so a swap of sensors between slots does not collide.
+        conn.executemany(
+            "UPDATE slots SET sensor = '#' || id WHERE id = ?", [(s.id,) for s in specs if s.id in existing]
+        )
+        for s in specs:
+            if s.id in existing:
+                conn.execute(
+                    "UPDATE slots SET lot = ?, zone = ?, type = ?, sensor = ?, offline_after = ?, fill_order = ?"
+                    " WHERE id = ?",
+                    (s.lot, s.zone, s.type, s.sensor, s.offline_after, s.fill_order, s.id),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO slots (id, lot, zone, type, sensor, offline_after, fill_order, since)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (s.id, s.lot, s.zone, s.type, s.sensor, s.offline_after, s.fill_order, now),
+                )
+        conn.execute("DELETE FROM zones")
+        conn.executemany(
+            "INSERT OR IGNORE INTO zones (lot, id) VALUES (?, ?)", {(s.lot, s.zone) for s in specs}
+        )
+        conn.execute("DELETE FROM lots WHERE id NOT IN (SELECT DISTINCT lot FROM slots)")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _busy_slots(conn: sqlite3.Connection, slot_ids: list[str]) -> set[str]:
+    busy: set[str] = set()
+    for sid in slot_ids:
+        row = conn.execute("SELECT 1 FROM sessions WHERE slot = ? AND state = 'active'", (sid,)).fetchone()
+        if row is not None:
+            busy.add(sid)
+    return busy
+

@@ -1,0 +1,271 @@
+"""The single writer: one task, one connection, one queue; group commit with a savepoint per command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway import allocation, exits, slots
+from gateway.config import GatewayConfig
+from gateway.domain import (
+    Block,
+    Command,
+    CommandError,
+    Enter,
+    Exit,
+    Housekeeping,
+    RecordRejections,
+    Reply,
+    SensorChange,
+    Unblock,
+)
+from gateway.plates import PlateKey
+from gateway.store import Synchronous, connect, migrate, sync_config
+from gateway.txn import Settings, Txn
+
+log = structlog.get_logger("gateway.writer")
+
+Handler = Callable[[Txn, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What one group commit changed, handed to listeners after COMMIT (replies, MQTT, actuations)."""
+
+    events: list[dict[str, Any]]
+    batch_size: int
+
+
+class WriterClosed(Exception):
+    pass
+
+
+def _record_rejections(txn: Txn, cmd: RecordRejections) -> dict[str, Any]:
+    txn.conn.executemany(
+        "INSERT INTO rejections (at, source, reason, detail) VALUES (?, ?, ?, ?)", cmd.items
+    )
+    return {}
+
+
+def _housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
+    s = txn.settings
+    gone = txn.conn.execute(
+        "DELETE FROM idempotency WHERE created_at < ?", (txn.now - max(s.idempotency_ttl, s.reread_window),)
+    ).rowcount
+    txn.conn.execute(
+        "DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?", (s.rejections_kept,)
+    )
+    erased = txn.conn.execute(
+        "UPDATE sessions SET plate = NULL WHERE state != 'active' AND ended_at < ? AND plate IS NOT NULL",
+        (txn.now - s.retention_s,),
+    ).rowcount
+    return {"idempotency_expired": gone, "plates_erased": erased}
+
+
+HANDLERS: dict[type[Command], Handler] = {
+    Enter: allocation.enter,
+    Exit: exits.exit_,
+    Block: slots.block,
+    Unblock: slots.unblock,
+    SensorChange: slots.sensor_change,
+    RecordRejections: _record_rejections,
+    Housekeeping: _housekeeping,
+}
+
+
+class Writer:
+    """Owns the store's only writing connection. Submit commands; replies resolve after their COMMIT."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        config: GatewayConfig,
+        key: PlateKey,
+        *,
+        synchronous: Synchronous | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = db_path
+        self._config = config
+        self._settings = Settings.from_config(config)
+        self._key = key
+        self._sync: Synchronous = synchronous or config.store.synchronous
+        self._batch_max = config.store.group_commit_max
+        self._clock = clock
+        self._queue: asyncio.Queue[tuple[Command, asyncio.Future[Reply]]] = asyncio.Queue(maxsize=10_000)
+        self._listeners: list[Callable[[Committed], None]] = []
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._conn: sqlite3.Connection | None = None
+        self._next_seq = 1
+        self.commits = 0
+        self.commands = 0
+
+    def add_listener(self, listener: Callable[[Committed], None]) -> None:
+        """Called in the event loop after every COMMIT, in commit order. Must not block."""
+        self._listeners.append(listener)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def submit(self, cmd: Command) -> Reply:
+        if self._closed:
+            raise WriterClosed("the writer has stopped")
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        await self._queue.put((cmd, fut))
+        return await fut
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        try:
+            await loop.run_in_executor(executor, self._open)
+            self._ready.set()
+            while True:
+                batch = [await self._queue.get()]
+                while len(batch) < self._batch_max and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                work = loop.run_in_executor(executor, self._apply, [cmd for cmd, _ in batch])
+                try:
+                    replies, events = await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # The batch runs to its end in the thread: deliver what it committed, then stop.
+                    replies, events = await work
+                    self._deliver(batch, replies, events)
+                    raise
+                self._deliver(batch, replies, events)
+        finally:
+            self._closed = True
+            while not self._queue.empty():
+                _, fut = self._queue.get_nowait()
+                if not fut.done():
+                    fut.set_result(Reply.error("unavailable", "the gateway is shutting down"))
+            if self._conn is not None:
+                await loop.run_in_executor(executor, self._conn.close)
+            executor.shutdown(wait=True)
+
+    def _deliver(
+        self, batch: list[tuple[Command, asyncio.Future[Reply]]], replies: list[Reply], events: list[dict[str, Any]]
+    ) -> None:
+        for (_, fut), reply in zip(batch, replies, strict=True):
+            if not fut.done():
+                fut.set_result(reply)
+        self.commits += 1
+        self.commands += len(batch)
+        if events:
+            done = Committed(events, len(batch))
+            for listener in self._listeners:
+                try:
+                    listener(done)
+                except Exception:
+                    log.exception("commit listener failed")
+
+    # --- below runs in the writer thread only ---
+
+    def _open(self) -> None:
+        conn = connect(self._path, synchronous=self._sync)
+        migrate(conn)
+        lots = {lot.id: lot.name for lot in self._config.lots}
+        sync_config(conn, lots, self._config.slot_specs())
+        self._conn = conn
+        self._next_seq = self._load_seq()
+
+    def _load_seq(self) -> int:
+        assert self._conn is not None
+        return int(self._conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+
+    def _apply(self, cmds: list[Command]) -> tuple[list[Reply], list[dict[str, Any]]]:
+        conn = self._conn
+        assert conn is not None
+        txn = Txn(conn, self._settings, self._key, self._clock(), self._next_seq)
+        replies: list[Reply] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for cmd in cmds:
+                replies.append(self._apply_one(txn, cmd))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(txn.next_seq),))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("group commit failed", error=str(exc), batch=len(cmds))
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._next_seq = self._load_seq()
+            failed = Reply.error("unavailable", "the store could not commit; try again")
+            return [failed] * len(cmds), []
+        self._next_seq = txn.next_seq
+        return replies, txn.events
+
+    def _apply_one(self, txn: Txn, cmd: Command) -> Reply:
+        conn = txn.conn
+        seq_before, events_before = txn.next_seq, len(txn.events)
+        conn.execute("SAVEPOINT cmd")
+        try:
+            reply = self._replay(txn, cmd)
+            if reply is None:
+                try:
+                    reply = Reply(True, HANDLERS[type(cmd)](txn, cmd))
+                except CommandError as exc:
+                    if not exc.keep_effects:
+                        self._undo(txn, seq_before, events_before)
+                    reply = Reply.error(exc.code, exc.message)
+                self._remember(txn, cmd, reply)
+            conn.execute("RELEASE cmd")
+            return reply
+        except sqlite3.IntegrityError as exc:
+            # The unique fences caught what the allocation logic should have prevented: refuse, keep neighbours.
+            self._undo(txn, seq_before, events_before)
+            conn.execute("RELEASE cmd")
+            log.error("constraint refused a command", command=type(cmd).__name__, error=str(exc))
+            return Reply.error("conflict", "refused by a store constraint")
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:
+            self._undo(txn, seq_before, events_before)
+            conn.execute("RELEASE cmd")
+            log.exception("command failed", command=type(cmd).__name__)
+            return Reply.error("unavailable", f"internal error: {type(exc).__name__}")
+
+    @staticmethod
+    def _undo(txn: Txn, seq_before: int, events_before: int) -> None:
+        txn.conn.execute("ROLLBACK TO cmd")
+        txn.next_seq = seq_before
+        del txn.events[events_before:]
+
+    def _replay(self, txn: Txn, cmd: Command) -> Reply | None:
+        """The stored reply for a repeated transaction, camera event, or re-read within the window."""
+        s = self._settings
+        keys: list[tuple[str, float]] = []
+        if cmd.idempotency_key is not None:
+            keys.append((cmd.idempotency_key, s.idempotency_ttl))
+        reread = getattr(cmd, "reread_key", None)
+        if reread is not None:
+            keys.append((reread, s.reread_window))
+        for key, ttl in keys:
+            row = txn.conn.execute("SELECT reply, created_at FROM idempotency WHERE key = ?", (key,)).fetchone()
+            if row is not None and row[1] >= txn.now - ttl:
+                return Reply.from_json(json.loads(row[0]))
+        return None
+
+    @staticmethod
+    def _remember(txn: Txn, cmd: Command, reply: Reply) -> None:
+        body = json.dumps(reply.to_json(), separators=(",", ":"))
+        for key in (cmd.idempotency_key, getattr(cmd, "reread_key", None)):
+            if key is not None:
+                txn.conn.execute(
+                    "INSERT INTO idempotency (key, reply, created_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET reply = excluded.reply, created_at = excluded.created_at",
+                    (key, body, txn.now),
+                )

@@ -1,0 +1,58 @@
+"""Small builders shared by the core tests."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from gateway.config import GatewayConfig, parse_config
+from gateway.plates import PlateKey
+from gateway.store import connect, db_path
+from gateway.writer import Writer
+
+
+def lot_config(
+    state_dir: Path,
+    *,
+    slots: int = 10,
+    extra_slots: str = "",
+    extra: str = "",
+    anti_passback: str = "hard",
+    synchronous: str = "FULL",
+    permits: str = "",
+) -> GatewayConfig:
+    width = max(3, len(str(slots)))
+    last = str(slots).zfill(width)
+    return parse_config(
+        f"""
+[gateway]
+id = "gw1"
+state_dir = "{state_dir}"
+[broker]
+allow_anonymous = true
+[policy]
+anti_passback = "{anti_passback}"
+[store]
+synchronous = "{synchronous}"
+[access]
+deny = ["XX999XX"]
+permits = [{permits}]
+[[lots]]
+id = "lot1"
+  [[lots.zones]]
+  id = "A"
+  slots = [{{ ids = "A-{"1".zfill(width)}..A-{last}" }}{extra_slots}]
+{extra}
+"""
+    )
+
+
+def new_writer(cfg: GatewayConfig, clock: object = None) -> Writer:
+    key = PlateKey(b"k" * 32)
+    if clock is None:
+        return Writer(db_path(cfg.state_path()), cfg, key)
+    return Writer(db_path(cfg.state_path()), cfg, key, clock=clock)  # type: ignore[arg-type]
+
+
+def reader(cfg: GatewayConfig) -> sqlite3.Connection:
+    return connect(db_path(cfg.state_path()), readonly=True)
