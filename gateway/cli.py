@@ -26,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--config", type=Path, help="config file (default: $PARKING_GATEWAY_CONFIG, "
-                     "/etc/parking-gateway/gateway.toml, else the bundled demo)")
+    run.add_argument(
+        "--config",
+        type=Path,
+        help="config file (default: $PARKING_GATEWAY_CONFIG, /etc/parking-gateway/gateway.toml, else the bundled demo)",
+    )
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path", type=Path)
@@ -99,13 +102,22 @@ COMMANDS = {
 }
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from gateway.logs import configure
 
     configure(debug=args.debug)
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except BaseExceptionGroup as group:
+            # A task failing inside the daemon's TaskGroup: report the cause, not the group.
+            raise _first_leaf(group) from group
     except ConfigError as exc:
         for line in exc.errors:
             print(f"config error: {line}", file=sys.stderr)

@@ -13,9 +13,7 @@ from gateway.tariffs import fee
 from gateway.txn import Txn
 
 
-def match_plate(
-    active: list[tuple[str, str]], plate: str, candidates: tuple[str, ...]
-) -> str | None:
+def match_plate(active: list[tuple[str, str]], plate: str, candidates: tuple[str, ...]) -> str | None:
     """Contract §6: exact, then candidates, then confusion-merged, then one edit; only a unique match counts."""
     stages: list[Callable[[str], bool]] = [
         lambda p: p == plate,
@@ -57,7 +55,9 @@ def _find_session(txn: Txn, cmd: Exit, lot: str | None) -> sqlite3.Row:
     except PlateError as exc:
         raise CommandError("invalid_request", f"vehicle: {exc}") from None
     where, args = ("state = 'active'", ()) if lot is None else ("lot = ? AND state = 'active'", (lot,))
-    exact = txn.conn.execute(f"SELECT * FROM sessions WHERE {where} AND plate = ?", (*args, plate)).fetchall()
+    exact: list[sqlite3.Row] = txn.conn.execute(
+        f"SELECT * FROM sessions WHERE {where} AND plate = ?", (*args, plate)
+    ).fetchall()
     if len(exact) == 1:
         return exact[0]
     session_id = None

@@ -31,4 +31,3 @@ def configure(*, debug: bool = False, json_lines: bool | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL if not debug else logging.INFO)
-

@@ -79,9 +79,7 @@ def unblock(txn: Txn, cmd: Unblock) -> dict[str, Any]:
 
 
 def sensor_change(txn: Txn, cmd: SensorChange) -> dict[str, Any]:
-    row = txn.conn.execute(
-        "SELECT id, lot, sensor_state FROM slots WHERE sensor = ?", (cmd.sensor,)
-    ).fetchone()
+    row = txn.conn.execute("SELECT id, lot, sensor_state FROM slots WHERE sensor = ?", (cmd.sensor,)).fetchone()
     if row is None:
         raise CommandError("unknown_slot", f"no slot has sensor {cmd.sensor!r}")
     slot_id = row["id"]

@@ -18,9 +18,7 @@ def status_document(conn: sqlite3.Connection) -> dict[str, Any]:
         }
         n, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
         doc["outbox"] = {"backlog": int(n), "bytes": int(size)}
-        doc["sessions_active"] = int(
-            conn.execute("SELECT COUNT(*) FROM sessions WHERE state = 'active'").fetchone()[0]
-        )
+        doc["sessions_active"] = int(conn.execute("SELECT COUNT(*) FROM sessions WHERE state = 'active'").fetchone()[0])
         doc["rejections"] = [
             {"at": r[0], "source": r[1], "reason": r[2], "detail": r[3]}
             for r in conn.execute("SELECT at, source, reason, detail FROM rejections ORDER BY id DESC LIMIT 10")

@@ -190,9 +190,7 @@ def sync_config(
                     (s.id, s.lot, s.zone, s.type, s.sensor, s.offline_after, s.fill_order, now),
                 )
         conn.execute("DELETE FROM zones")
-        conn.executemany(
-            "INSERT OR IGNORE INTO zones (lot, id) VALUES (?, ?)", {(s.lot, s.zone) for s in specs}
-        )
+        conn.executemany("INSERT OR IGNORE INTO zones (lot, id) VALUES (?, ?)", {(s.lot, s.zone) for s in specs})
         conn.execute("DELETE FROM lots WHERE id NOT IN (SELECT DISTINCT lot FROM slots)")
         conn.execute("COMMIT")
     except BaseException:
@@ -207,4 +205,3 @@ def _busy_slots(conn: sqlite3.Connection, slot_ids: list[str]) -> set[str]:
         if row is not None:
             busy.add(sid)
     return busy
-

@@ -57,9 +57,7 @@ class Settings:
             deny=frozenset(_norm_or_raw(p) for p in cfg.access.deny),
             permits={_norm_or_raw(p.vehicle): tuple(p.types) for p in cfg.access.permits},
             restricted_types=frozenset(cfg.access.restricted_types),
-            gates={
-                g.id: GateInfo(g.id, g.lot, g.direction, g.serial is not None) for g in cfg.gates
-            },
+            gates={g.id: GateInfo(g.id, g.lot, g.direction, g.serial is not None) for g in cfg.gates},
             tariffs={t.lot: t for t in cfg.tariffs},
             lots=frozenset(lot.id for lot in cfg.lots),
             zones={k: frozenset(v) for k, v in zones.items()},

@@ -50,9 +50,7 @@ class WriterClosed(Exception):
 
 
 def _record_rejections(txn: Txn, cmd: RecordRejections) -> dict[str, Any]:
-    txn.conn.executemany(
-        "INSERT INTO rejections (at, source, reason, detail) VALUES (?, ?, ?, ?)", cmd.items
-    )
+    txn.conn.executemany("INSERT INTO rejections (at, source, reason, detail) VALUES (?, ?, ?, ?)", cmd.items)
     return {}
 
 
@@ -61,9 +59,7 @@ def _housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
     gone = txn.conn.execute(
         "DELETE FROM idempotency WHERE created_at < ?", (txn.now - max(s.idempotency_ttl, s.reread_window),)
     ).rowcount
-    txn.conn.execute(
-        "DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?", (s.rejections_kept,)
-    )
+    txn.conn.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?", (s.rejections_kept,))
     erased = txn.conn.execute(
         "UPDATE sessions SET plate = NULL WHERE state != 'active' AND ended_at < ? AND plate IS NOT NULL",
         (txn.now - s.retention_s,),

@@ -85,3 +85,40 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
         yield broker
     finally:
         broker.stop()
+
+
+# --- the bundled amqtt broker, in the test's own event loop (imports here leave the block above as it was)
+from collections.abc import AsyncIterator  # noqa: E402
+
+from gateway.broker import BrokerOptions, EmbeddedBroker  # noqa: E402
+
+
+class AmqttBroker:
+    """An in-process amqtt broker (anonymous allowed) on a free port; stop()/start() keep the port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._broker: EmbeddedBroker | None = None
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress("127.0.0.1", self.port)
+
+    async def start(self) -> None:
+        self._broker = EmbeddedBroker(BrokerOptions(port=self.port, allow_anonymous=True))
+        await self._broker.start()
+
+    async def stop(self) -> None:
+        if self._broker is not None:
+            await self._broker.stop()
+            self._broker = None
+
+
+@pytest.fixture
+async def amqtt_broker() -> AsyncIterator[AmqttBroker]:
+    broker = AmqttBroker()
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.stop()

@@ -1,0 +1,374 @@
+"""One task owns one MQTT connection: reconnects, buffers what it is given, re-publishes retained state.
+
+``MqttLink.run`` is the connection's only owner (aiomqtt 2.x). Everything else talks to it through
+``publish`` (never blocks, never fails on a disconnect) and the ``on_message`` callback (awaited in
+arrival order; it must hand work off quickly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from structlog.typing import FilteringBoundLogger
+
+__all__ = ["Incoming", "LinkOptions", "MqttLink"]
+
+# QoS>0 publishes in flight per connection: enough to fill a WAN round trip, small enough that the
+# messages to re-send after a broken connection stay few.
+_WINDOW = 64
+# paho and aiomqtt (unlike asyncio transports) leave Nagle on: 88 ms instead of 0.4 ms per round trip.
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_GOODBYE_TIMEOUT = 2.0
+_SUBACK_FAILURE = 0x80
+
+
+@dataclass(frozen=True, slots=True)
+class LinkOptions:
+    host: str
+    port: int
+    client_id: str
+    status_topic: str
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    keepalive: int = 30
+    subscriptions: tuple[tuple[str, int], ...] = ()
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    queue_max: int = 10000
+    protocol: Literal[3, 5] = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    topic: str
+    # None marks a retained topic: it is sent with its value in MqttLink.retained at send time, so
+    # repeated updates while queued coalesce into one message carrying the latest state.
+    payload: bytes | None
+    qos: int
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+class MqttLink:
+    """Supervises one broker connection; see the module docstring."""
+
+    def __init__(
+        self,
+        options: LinkOptions,
+        on_message: Callable[[Incoming], Awaitable[None]],
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        log: FilteringBoundLogger | None = None,
+    ) -> None:
+        self.options = options
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._log: FilteringBoundLogger = (log or structlog.get_logger("gateway.mqtt")).bind(link=options.client_id)
+        self.connected = False
+        self.reconnects = 0
+        self.dropped = 0
+        self.retained: dict[str, bytes] = {}
+        self._queue: deque[_Outgoing] = deque()
+        self._queued_retained: set[str] = set()
+        self._inflight: dict[int, _Outgoing] = {}
+        self._sent = 0
+        self._drop_warned = False
+        self._wakeup = asyncio.Event()
+        self._up = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue) + len(self._inflight)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> None:
+        """Queue a message; a retained one also becomes the topic's state re-published on reconnect."""
+        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        if retain:
+            if data:
+                self.retained[topic] = data
+            else:
+                self.retained.pop(topic, None)  # an empty retained message clears the broker's copy
+            if topic in self._queued_retained:
+                return
+            self._queued_retained.add(topic)
+            self._queue.append(_Outgoing(topic, None, qos, True))
+        else:
+            self._queue.append(_Outgoing(topic, data, qos, False, response_topic, correlation_data))
+        if len(self._queue) > self.options.queue_max:
+            self._drop_oldest()
+        self._wakeup.set()
+
+    def _drop_oldest(self) -> None:
+        # Retained entries are never dropped: there is at most one per topic and each is current state.
+        for index, item in enumerate(self._queue):
+            if not item.retain:
+                del self._queue[index]
+                if not self._drop_warned:
+                    self._drop_warned = True
+                    self._log.warning("mqtt.queue_full_dropping_oldest", queue_max=self.options.queue_max)
+                self.dropped += 1
+                return
+
+    async def wait_connected(self, timeout: float) -> None:  # noqa: ASYNC109 (the interface names it)
+        """Return once connected, subscribed and announced online; TimeoutError otherwise."""
+        async with asyncio.timeout(timeout):
+            await self._up.wait()
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with capped exponential backoff and full jitter; until cancelled."""
+        opts = self.options
+        failures = 0
+        ever_connected = False
+        while True:
+            client = self._new_client()
+            self._client = client
+            try:
+                await self._connect(client)
+            except aiomqtt.MqttError as exc:
+                self._log.warning("mqtt.connect_failed", host=opts.host, port=opts.port, error=str(exc))
+                await self._reap(client)
+            else:
+                if ever_connected:
+                    self.reconnects += 1
+                ever_connected = True
+                failures = 0
+                try:
+                    await self._serve(client)
+                except aiomqtt.MqttError as exc:
+                    self._log.warning("mqtt.disconnected", error=str(exc))
+                finally:
+                    self._mark_down()
+                    await self._disconnect(client)
+                    self._client = None
+            ceiling = min(opts.backoff_max, opts.backoff_initial * 2 ** min(failures, 32))
+            failures += 1
+            await asyncio.sleep(random.uniform(0, ceiling))
+
+    def _new_client(self) -> aiomqtt.Client:
+        # A fresh client per attempt: paho would otherwise re-send its own copies of unacknowledged
+        # messages next to the ones this link puts back in its queue.
+        opts = self.options
+        tls = None
+        if opts.tls_ca or opts.tls_cert or opts.tls_key:
+            tls = aiomqtt.TLSParameters(ca_certs=opts.tls_ca, certfile=opts.tls_cert, keyfile=opts.tls_key)
+        client = aiomqtt.Client(
+            opts.host,
+            opts.port,
+            username=opts.username,
+            password=opts.password,
+            identifier=opts.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if opts.protocol == 5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(opts.status_topic, b"offline", qos=1, retain=True),
+            keepalive=opts.keepalive,
+            tls_params=tls,
+            max_inflight_messages=_WINDOW,
+            max_queued_outgoing_messages=2 * _WINDOW,
+            socket_options=(_NODELAY,),
+        )
+        # aiomqtt warns on every call beyond 10 pending; the window above is the real bound.
+        client.pending_calls_threshold = 2 * _WINDOW + len(opts.subscriptions)
+        return client
+
+    async def _connect(self, client: aiomqtt.Client) -> None:
+        # paho connects in an executor thread that cancellation cannot stop; let the attempt finish
+        # and close it, so that no socket or aiomqtt helper task outlives a cancelled run().
+        attempt = asyncio.ensure_future(client.__aenter__())
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await attempt
+                await self._disconnect(client)
+            raise
+
+    async def _disconnect(self, client: aiomqtt.Client) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
+        await self._reap(client)
+
+    @staticmethod
+    async def _reap(client: aiomqtt.Client) -> None:
+        # aiomqtt only schedules the cancellation of its keepalive task; wait for it to be gone.
+        misc = client._misc_task
+        if misc is not None and not misc.done():
+            misc.cancel()
+            await asyncio.wait([misc])
+
+    def _mark_down(self) -> None:
+        self.connected = False
+        self._up.clear()
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        opts = self.options
+        try:
+            if opts.subscriptions:
+                granted = await client.subscribe(list(opts.subscriptions))
+                self._check_granted(granted)
+            await client.publish(opts.status_topic, b"online", qos=1, retain=True)
+            if self._on_connect is not None:
+                await self._on_connect()
+            self._queue_retained_state()
+            self.connected = True
+            self._drop_warned = False
+            self._up.set()
+            self._log.info("mqtt.connected", host=opts.host, port=opts.port, reconnects=self.reconnects)
+            await self._pump(client)
+        except asyncio.CancelledError:
+            self._mark_down()
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(opts.status_topic, b"offline", qos=1, retain=True, timeout=_GOODBYE_TIMEOUT)
+            raise
+
+    def _check_granted(self, granted: tuple[int, ...] | list[ReasonCode]) -> None:
+        codes: list[int | ReasonCode] = list(granted)
+        for (topic_filter, _), code in zip(self.options.subscriptions, codes, strict=False):
+            failed = code.is_failure if isinstance(code, ReasonCode) else code >= _SUBACK_FAILURE
+            if failed:
+                self._log.error("mqtt.subscription_refused", filter=topic_filter, code=str(code))
+
+    def _queue_retained_state(self) -> None:
+        # The broker may have lost its retained messages (amqtt keeps them in memory only).
+        missing = [topic for topic in self.retained if topic not in self._queued_retained]
+        self._queued_retained.update(missing)
+        self._queue.extendleft(_Outgoing(topic, None, 1, True) for topic in reversed(missing))
+        self._wakeup.set()
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
+        """Move messages both ways until the connection fails (MqttError) or the task is cancelled."""
+        broken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sends: set[asyncio.Task[None]] = set()
+        incoming = asyncio.create_task(self._receive(client))
+        outgoing = asyncio.create_task(self._send_all(client, broken, sends))
+        try:
+            await asyncio.wait([incoming, outgoing, broken], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            tasks = [incoming, outgoing, *sends]
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            self._requeue_inflight()
+        if broken.done():
+            broken.result()  # raises the MqttError of the failed publish
+        # Only the receiver ends by itself: with MqttError when the connection drops, or with a bug.
+        raise incoming.exception() or aiomqtt.MqttError("receiver stopped")
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            props = message.properties
+            correlation = getattr(props, "CorrelationData", None)
+            incoming = Incoming(
+                topic=message.topic.value,
+                payload=message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                response_topic=getattr(props, "ResponseTopic", None),
+                correlation_data=bytes(correlation) if correlation is not None else None,
+            )
+            try:
+                await self._on_message(incoming)
+            except Exception:
+                # One bad message must not cost the connection or the messages behind it.
+                self._log.exception("mqtt.on_message_failed", topic=incoming.topic)
+
+    async def _send_all(
+        self,
+        client: aiomqtt.Client,
+        broken: asyncio.Future[None],
+        sends: set[asyncio.Task[None]],
+    ) -> None:
+        window = asyncio.Semaphore(_WINDOW)
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await window.acquire()
+            if not self._queue:
+                window.release()
+                continue
+            item = self._queue.popleft()
+            if item.payload is None:
+                self._queued_retained.discard(item.topic)
+            self._sent += 1
+            self._inflight[self._sent] = item
+            # Tasks start in creation order, so paho puts the messages on the wire in queue order.
+            task = asyncio.create_task(self._send_one(client, self._sent, item, window, broken))
+            sends.add(task)
+            task.add_done_callback(sends.discard)
+
+    async def _send_one(
+        self,
+        client: aiomqtt.Client,
+        ident: int,
+        item: _Outgoing,
+        window: asyncio.Semaphore,
+        broken: asyncio.Future[None],
+    ) -> None:
+        payload = item.payload if item.payload is not None else self.retained.get(item.topic, b"")
+        try:
+            await client.publish(
+                item.topic, payload, qos=item.qos, retain=item.retain, properties=self._properties(item)
+            )
+        except aiomqtt.MqttError as exc:
+            if not broken.done():
+                broken.set_exception(exc)
+            return
+        finally:
+            window.release()
+        del self._inflight[ident]
+
+    def _properties(self, item: _Outgoing) -> Properties | None:
+        if self.options.protocol != 5 or (item.response_topic is None and item.correlation_data is None):
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if item.response_topic is not None:
+            props.ResponseTopic = item.response_topic
+        if item.correlation_data is not None:
+            props.CorrelationData = item.correlation_data
+        return props
+
+    def _requeue_inflight(self) -> None:
+        """Unacknowledged messages go back to the front, in their order (QoS 1: at least once)."""
+        back: list[_Outgoing] = []
+        for item in self._inflight.values():
+            if item.payload is None:
+                if item.topic in self._queued_retained:
+                    continue  # a newer update of the topic is already queued
+                self._queued_retained.add(item.topic)
+            back.append(item)
+        self._inflight.clear()
+        self._queue.extendleft(reversed(back))

@@ -1,0 +1,152 @@
+"""Sensor ordering, deduplication, reboot detection and debounce, in memory.
+
+Heartbeats arrive far more often than states change; they only touch this tracker, never the disk.
+All times are the caller's clock (`now`), not the device's: device clocks drift and jump.
+
+Ordering, per sensor:
+- an observation with a `seq` (JSON `seq`, TTS `f_cnt`) is ordered by it: equal to the last accepted
+  one is a DUPLICATE, lower is OUT_OF_ORDER, unless the counter was reset (below);
+- otherwise one with a device `ts` is ordered by it the same way;
+- otherwise arrival order decides and it is always accepted.
+
+Counter resets (REBOOT, accepted and the counter restarts from it): a lower `seq` is a reset when it is
+at most `REBOOT_LOW_SEQ` (a fresh counter's first frames; a LoRaWAN rejoin restarts `f_cnt` at 0) or
+below half the last one (a reset after a short run; QoS 1 redeliveries and reordering land just
+below the last seq, not half-way down). A device `ts` more than `CLOCK_RESET_S` before the last one
+is a device clock reset; smaller regressions are late messages and dropped. The price of the seq rule:
+a message reordered across a counter reset is taken as a reset; debounce then absorbs its state unless
+nothing newer follows within `debounce`.
+
+Debounce: a state counts once it has held for `debounce` seconds since it was first seen; a
+`Transition` is due only for a state that differs from the last one emitted (or seeded).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from dataclasses import dataclass
+
+from drivers.observations import SensorObservation
+
+REBOOT_LOW_SEQ = 3
+CLOCK_RESET_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A debounced state change worth committing; `at` is when the state was first seen."""
+
+    sensor_id: str
+    occupied: bool
+    at: float
+
+
+class Verdict(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    OUT_OF_ORDER = "out_of_order"
+    REBOOT = "reboot"
+
+
+@dataclass(slots=True)
+class _Sensor:
+    last_seq: int | None = None
+    last_ts: float | None = None
+    last_seen: float | None = None
+    emitted: bool | None = None
+    pending: bool | None = None
+    pending_since: float = 0.0
+    generation: int = 0  # bumps whenever the pending state changes; stale heap entries are skipped
+
+
+class SensorTracker:
+    """Per-sensor ordering and debounce; `observe` on each message, `due` when `next_deadline` passes."""
+
+    def __init__(self, *, debounce: float) -> None:
+        if debounce < 0:
+            raise ValueError("debounce must be >= 0")
+        self._debounce = debounce
+        self._sensors: dict[str, _Sensor] = {}
+        self._deadlines: list[tuple[float, str, int]] = []
+
+    def seed(self, sensor_id: str, occupied: bool | None) -> None:
+        """Set the committed state from the store, so only real changes are emitted."""
+        sensor = self._sensors.setdefault(sensor_id, _Sensor())
+        sensor.emitted = occupied
+        if sensor.pending is not None and sensor.pending == occupied:
+            self._clear_pending(sensor)
+
+    def last_seen(self, sensor_id: str) -> float | None:
+        """When the last accepted message of this sensor arrived, heartbeats included."""
+        sensor = self._sensors.get(sensor_id)
+        return None if sensor is None else sensor.last_seen
+
+    def observe(self, obs: SensorObservation, now: float) -> Verdict:
+        sensor = self._sensors.setdefault(obs.sensor_id, _Sensor())
+        verdict = self._order(sensor, obs)
+        if verdict in (Verdict.DUPLICATE, Verdict.OUT_OF_ORDER):
+            return verdict
+        sensor.last_seen = now
+        if obs.seq is not None:
+            sensor.last_seq = obs.seq
+        if obs.ts is not None:
+            sensor.last_ts = obs.ts
+        elif verdict is Verdict.REBOOT:
+            sensor.last_ts = None  # the old device clock means nothing after a reset
+        if obs.occupied == sensor.pending:
+            return verdict  # a heartbeat of the state already being debounced
+        if obs.occupied == sensor.emitted:
+            self._clear_pending(sensor)  # back to the committed state: the change was a flap
+            return verdict
+        sensor.pending = obs.occupied
+        sensor.pending_since = now
+        sensor.generation += 1
+        heapq.heappush(self._deadlines, (now + self._debounce, obs.sensor_id, sensor.generation))
+        return verdict
+
+    def due(self, now: float) -> list[Transition]:
+        """Pending states that have held for `debounce`, oldest deadline first; each is emitted once."""
+        transitions: list[Transition] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, sensor_id, generation = heapq.heappop(self._deadlines)
+            sensor = self._sensors[sensor_id]
+            if generation != sensor.generation or sensor.pending is None:
+                continue
+            transitions.append(Transition(sensor_id, sensor.pending, sensor.pending_since))
+            sensor.emitted = sensor.pending
+            self._clear_pending(sensor)
+        return transitions
+
+    def next_deadline(self) -> float | None:
+        while self._deadlines:
+            deadline, sensor_id, generation = self._deadlines[0]
+            sensor = self._sensors[sensor_id]
+            if generation == sensor.generation and sensor.pending is not None:
+                return deadline
+            heapq.heappop(self._deadlines)
+        return None
+
+    def _order(self, sensor: _Sensor, obs: SensorObservation) -> Verdict:
+        if obs.seq is not None and sensor.last_seq is not None:
+            last = sensor.last_seq
+            if obs.seq == last:
+                return Verdict.DUPLICATE
+            if obs.seq > last:
+                return Verdict.ACCEPTED
+            if obs.seq <= REBOOT_LOW_SEQ or obs.seq < last // 2:
+                return Verdict.REBOOT
+            return Verdict.OUT_OF_ORDER
+        if obs.seq is None and obs.ts is not None and sensor.last_ts is not None:
+            if obs.ts == sensor.last_ts:
+                return Verdict.DUPLICATE
+            if obs.ts > sensor.last_ts:
+                return Verdict.ACCEPTED
+            if sensor.last_ts - obs.ts > CLOCK_RESET_S:
+                return Verdict.REBOOT
+            return Verdict.OUT_OF_ORDER
+        return Verdict.ACCEPTED
+
+    def _clear_pending(self, sensor: _Sensor) -> None:
+        sensor.pending = None
+        sensor.generation += 1

@@ -1,0 +1,274 @@
+"""A traffic scenario: cars arrive, are read at an entry camera, park, dwell, leave and are read at an exit.
+
+The scenario learns the gateway's decisions only from the event stream (`<topic_root>/<gateway_id>/events`,
+contract §4): `session.started` / `entry.denied` for the car waiting longest at that entry gate,
+`session.ended` / `exit.unmatched` for the car at that exit gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from simulators.cameras import PlateCamera, random_plate
+from simulators.sensors import SensorFleet
+
+Event = dict[str, Any]
+
+STAT_KEYS = (
+    "arrivals",
+    "entered",
+    "denied",
+    "no_decision",
+    "parked",
+    "wrong_slot",
+    "no_space",
+    "vacated",
+    "exit_reads",
+    "left",
+    "unmatched",
+    "exit_no_decision",
+)
+
+
+def rush_hours(epoch: float) -> float:
+    """A time-of-day multiplier for the arrival rate: quiet nights, morning and evening peaks."""
+    local = time.localtime(epoch)
+    hour = local.tm_hour + local.tm_min / 60
+    peaks = math.exp(-(((hour - 8.5) / 1.5) ** 2)) + 0.8 * math.exp(-(((hour - 17.5) / 2.0) ** 2))
+    return 0.1 + 1.5 * peaks
+
+
+@dataclass(frozen=True)
+class TrafficOptions:
+    """What the scenario drives; durations in seconds, ranges as (low, high) for a uniform draw.
+
+    `gate_by_camera` maps a camera id to the gate it watches (a camera missing from it is taken as its
+    own gate id). `max_arrivals` ends the run once that many cars came and all of them are done.
+    `rate_curve`, given the wall-clock time, multiplies `arrivals_per_min` (e.g. `rush_hours`).
+    """
+
+    lot: str
+    entry_cameras: list[str]
+    exit_cameras: list[str]
+    sensor_ids_by_slot: dict[str, str]
+    gate_by_camera: dict[str, str] = field(default_factory=dict)
+    arrivals_per_min: float = 20
+    dwell_s: tuple[float, float] = (5, 40)
+    wrong_slot_share: float = 0.1
+    topic_root: str = "parking"
+    gateway_id: str = "demo"
+    seed: int = 1
+    park_delay_s: tuple[float, float] = (1, 4)
+    exit_delay_s: tuple[float, float] = (1, 3)
+    decision_timeout_s: float = 30
+    max_arrivals: int | None = None
+    rate_curve: Callable[[float], float] | None = None
+
+
+@dataclass
+class _Waiting:
+    plate: str
+    decision: asyncio.Future[Event]
+    session_id: str | None = None
+
+
+class TrafficScenario:
+    """Runs cars through the lot; `stats` counts what happened to them."""
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        fleet: SensorFleet,
+        cameras: dict[str, PlateCamera],
+        options: TrafficOptions,
+    ) -> None:
+        missing = [c for c in (*options.entry_cameras, *options.exit_cameras) if c not in cameras]
+        if missing:
+            raise ValueError(f"no PlateCamera for {', '.join(missing)}")
+        if not options.entry_cameras or not options.exit_cameras:
+            raise ValueError("a traffic scenario needs at least one entry and one exit camera")
+        unknown = sorted(set(options.sensor_ids_by_slot.values()) - set(fleet.sensors))
+        if unknown:
+            raise ValueError(f"sensors not in the fleet: {', '.join(unknown)}")
+        self.client = client
+        self.fleet = fleet
+        self.cameras = cameras
+        self.options = options
+        self.events_topic = f"{options.topic_root}/{options.gateway_id}/events"
+        self.rng = random.Random(options.seed)
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._entries: dict[str, deque[_Waiting]] = {}
+        self._exits: dict[str, deque[_Waiting]] = {}
+        # Slots the simulator has made occupied, and slots promised to cars still driving to them.
+        self._occupied: set[str] = set()
+        self._claimed: set[str] = set()
+        self._plates: set[str] = set()
+        self._cars: set[asyncio.Task[None]] = set()
+
+    def gate_of(self, camera_id: str) -> str:
+        return self.options.gate_by_camera.get(camera_id, camera_id)
+
+    async def run(self, duration: float | None) -> None:
+        """Run until `duration` seconds passed (None: no limit), or `max_arrivals` cars are done."""
+        await self.client.subscribe(self.events_topic, qos=1)
+        deadline = asyncio.timeout(duration)
+        try:
+            async with deadline, asyncio.TaskGroup() as tg:
+                listener = tg.create_task(self._listen())
+                await self._arrivals(tg)
+                while self._cars:
+                    await asyncio.wait(set(self._cars))
+                listener.cancel()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+        await self.client.unsubscribe(self.events_topic)
+
+    async def _arrivals(self, tg: asyncio.TaskGroup) -> None:
+        opts = self.options
+        base_rate = opts.arrivals_per_min / 60
+        while opts.max_arrivals is None or self.stats["arrivals"] < opts.max_arrivals:
+            rate = base_rate * (opts.rate_curve(time.time()) if opts.rate_curve else 1.0)
+            if rate <= 0:
+                await asyncio.sleep(1.0)
+                continue
+            await asyncio.sleep(self.rng.expovariate(rate))
+            self.stats["arrivals"] += 1
+            task = tg.create_task(self._car(self._new_plate()))
+            self._cars.add(task)
+            task.add_done_callback(self._cars.discard)
+
+    def _new_plate(self) -> str:
+        while True:
+            plate = random_plate(self.rng)
+            if plate not in self._plates:
+                self._plates.add(plate)
+                return plate
+
+    async def _decision(self, queue: deque[_Waiting], waiting: _Waiting, camera: str) -> Event | None:
+        """Read the plate at `camera` and wait for the gateway's answer; None after the timeout."""
+        queue.append(waiting)
+        try:
+            await self.cameras[camera].read(waiting.plate)
+            return await asyncio.wait_for(waiting.decision, self.options.decision_timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            if waiting in queue:
+                queue.remove(waiting)
+
+    async def _car(self, plate: str) -> None:
+        try:
+            await self._visit(plate)
+        finally:
+            self._plates.discard(plate)
+
+    async def _visit(self, plate: str) -> None:
+        opts, rng, loop = self.options, self.rng, asyncio.get_running_loop()
+        camera = rng.choice(opts.entry_cameras)
+        entry = _Waiting(plate, loop.create_future())
+        started = await self._decision(self._entries.setdefault(self.gate_of(camera), deque()), entry, camera)
+        if started is None:
+            self.stats["no_decision"] += 1
+            return
+        if started["type"] == "entry.denied":
+            self.stats["denied"] += 1
+            return
+        self.stats["entered"] += 1
+        assigned = started.get("slot") if isinstance(started.get("slot"), str) else None
+        if assigned is not None:
+            self._claimed.add(assigned)
+        try:
+            await asyncio.sleep(rng.uniform(*opts.park_delay_s))
+        finally:
+            if assigned is not None:
+                self._claimed.discard(assigned)
+        slot = self._choose_slot(assigned)
+        if slot is not None:
+            sensor = opts.sensor_ids_by_slot[slot]
+            self._occupied.add(slot)
+            try:
+                await self.fleet.set_state(sensor, True)
+                self.stats["parked"] += 1
+                await asyncio.sleep(rng.uniform(*opts.dwell_s))
+                await self.fleet.set_state(sensor, False)
+                self.stats["vacated"] += 1
+            finally:
+                self._occupied.discard(slot)
+        else:
+            await asyncio.sleep(rng.uniform(*opts.dwell_s))
+        await asyncio.sleep(rng.uniform(*opts.exit_delay_s))
+        camera = rng.choice(opts.exit_cameras)
+        leaving = _Waiting(plate, loop.create_future(), started.get("session_id"))
+        self.stats["exit_reads"] += 1
+        ended = await self._decision(self._exits.setdefault(self.gate_of(camera), deque()), leaving, camera)
+        if ended is None:
+            self.stats["exit_no_decision"] += 1
+        elif ended["type"] == "exit.unmatched":
+            self.stats["unmatched"] += 1
+        else:
+            self.stats["left"] += 1
+
+    def _choose_slot(self, assigned: str | None) -> str | None:
+        """The assigned slot, or (wrong_slot_share, or when it is taken) another one believed vacant."""
+        known = self.options.sensor_ids_by_slot
+        free = sorted(s for s in known if s not in self._occupied and s not in self._claimed)
+        assigned_free = assigned in known and assigned not in self._occupied
+        if assigned_free and self.rng.random() >= self.options.wrong_slot_share:
+            return assigned
+        others = [s for s in free if s != assigned]
+        if others:
+            self.stats["wrong_slot"] += 1
+            return self.rng.choice(others)
+        if assigned_free:
+            return assigned
+        self.stats["no_space"] += 1
+        return None
+
+    async def _listen(self) -> None:
+        async for message in self.client.messages:
+            if not message.topic.matches(self.events_topic) or not isinstance(message.payload, bytes):
+                continue
+            try:
+                event = json.loads(message.payload)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                self.on_event(event)
+
+    def on_event(self, event: Event) -> None:
+        """Hand a gateway event to the car it answers, if any car is waiting for it."""
+        kind, gate = event.get("type"), event.get("gate")
+        if not isinstance(gate, str):
+            return
+        if kind in ("session.started", "entry.denied"):
+            self._resolve(self._entries.get(gate), event)
+        elif kind in ("session.ended", "exit.unmatched"):
+            self._resolve(self._exits.get(gate), event)
+
+    @staticmethod
+    def _resolve(queue: deque[_Waiting] | None, event: Event) -> None:
+        waiting = [w for w in queue or () if not w.decision.done()]
+        if not waiting:
+            return
+        # Prefer an exact match (session id, or the plate when the gateway publishes plates); else FIFO.
+        match = next(
+            (
+                w
+                for w in waiting
+                if (w.session_id is not None and w.session_id == event.get("session_id"))
+                or w.plate == event.get("vehicle")
+            ),
+            waiting[0],
+        )
+        match.decision.set_result(event)

@@ -1,0 +1,134 @@
+"""The command line as a user runs it: real processes, real files, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60
+    )
+
+
+def site(tmp_path: Path, slots: str = "A-001..A-005") -> Path:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        f'[gateway]\nid = "gw1"\nstate_dir = "{tmp_path / "state"}"\n[broker]\nallow_anonymous = true\n'
+        f'[[lots]]\nid = "lot1"\n[[lots.zones]]\nid = "A"\nslots = [{{ ids = "{slots}" }}]\n'
+    )
+    return path
+
+
+def test_check_config_ok_and_errors(tmp_path: Path) -> None:
+    ok = cli("check-config", str(REPO / "config" / "gateway.example.toml"))
+    assert ok.returncode == 0, ok.stderr
+    demo = cli("check-config", str(REPO / "config" / "demo.toml"))
+    assert demo.returncode == 0 and "120 slots" in demo.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[gateway]\nid = "GW 1"\ncolour = 1\n[broker]\nallow_anonymous = true\n'
+        '[[lots]]\nid = "lot1"\n[[lots.zones]]\nid = "A"\nslots = [{ ids = "A-9..A-1" }]\n'
+    )
+    res = cli("check-config", str(bad))
+    assert res.returncode == 2
+    assert "gateway.id" in res.stderr and "gateway.colour" in res.stderr
+    assert "Traceback" not in res.stderr
+    missing = cli("check-config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def _run_daemon(config: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        db = config.parent / "state" / "gateway.db"
+        deadline = time.monotonic() + 20
+        while not db.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_run_creates_store_and_key_and_stops_on_sigterm(tmp_path: Path) -> None:
+    config = site(tmp_path)
+    _run_daemon(config)
+    key = tmp_path / "state" / "plate.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(key.read_bytes()) == 32
+    res = cli("audit", "--config", str(config))
+    assert res.returncode == 0, res.stdout
+    status = cli("status", "--config", str(config))
+    assert status.returncode == 0 and "5/5 available" in status.stdout
+
+
+def test_audit_names_a_slot_corrupted_behind_the_writer(tmp_path: Path) -> None:
+    config = site(tmp_path)
+    _run_daemon(config)
+    db = tmp_path / "state" / "gateway.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP INDEX sessions_one_per_slot")
+    conn.execute("DROP INDEX sessions_one_per_vehicle")
+    for sid, vehicle in (("s1", "v-a"), ("s2", "v-b")):
+        conn.execute(
+            "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, started_at)"
+            " VALUES (?, 'lot1', 'A', 'A-003', 'X', ?, 'active', 0)",
+            (sid, vehicle),
+        )
+    conn.close()
+    res = cli("audit", "--config", str(config))
+    assert res.returncode == 1
+    assert "slot A-003: 2 active sessions" in res.stdout
+    assert "fence index sessions_one_per_slot is missing" in res.stdout
+    assert "slot A-003: status is 'available' but the store implies 'occupied'" in res.stdout
+
+
+def test_status_without_store_is_a_clear_error(tmp_path: Path) -> None:
+    res = cli("status", "--config", str(site(tmp_path)))
+    assert res.returncode == 1 and "no store here" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_run_refuses_to_drop_an_occupied_slot(tmp_path: Path) -> None:
+    config = site(tmp_path)
+    _run_daemon(config)
+    conn = sqlite3.connect(tmp_path / "state" / "gateway.db", isolation_level=None)
+    conn.execute(
+        "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, started_at)"
+        " VALUES ('s1', 'lot1', 'A', 'A-005', 'X', 'v-x', 'active', 0)"
+    )
+    conn.close()
+    smaller = site(tmp_path, "A-001..A-004")
+    res = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(smaller)], capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 1
+    assert "A-005" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("env_var", ["STATE_DIRECTORY"])
+def test_state_directory_env_wins(tmp_path: Path, env_var: str) -> None:
+    config = site(tmp_path)
+    other = tmp_path / "systemd-state"
+    env = {**os.environ, env_var: str(other)}
+    res = cli("check-config", str(config), env=env)
+    assert res.returncode == 0
