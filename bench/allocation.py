@@ -1,6 +1,6 @@
 """Enter+exit pairs per second through the writer, next to a raw sqlite3 baseline running the same statements.
 
-Run: `.venv/bin/python -m bench.allocation` (about 2-3 minutes), `--quick` for a smoke check. See bench/README.md.
+Run: `.venv/bin/python -m bench.allocation` (about a minute here), `--quick` for a smoke check. See bench/README.md.
 
 Writer path: C concurrent clients, each looping enter (a new plate at gate in1) then exit of its own car (gate
 out1), through `Writer.submit`; the writer group-commits what is queued. Raw path: one thread, plain sqlite3, the
@@ -267,7 +267,7 @@ def raw_commands(clients: int, first: int, per_client: int) -> Iterator[tuple[bo
 
 
 def batch_sizes(avg: float) -> Iterator[int]:
-    """Integer batch sizes whose running mean stays on `avg` (e.g. 2.5 -> 3, 2, 3, 2 ...)."""
+    """Integer batch sizes whose running mean stays on `avg` (2.5 gives 2s and 3s)."""
     done = 0
     while True:
         size = max(1, round((done + 1) * avg) - round(done * avg))

@@ -1,9 +1,10 @@
-"""The availability document (contract §3.2), computed from the store's slot statuses."""
+"""The availability document (contract §3.2): counts per lot, zone and type."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from gateway.txn import iso_ms
@@ -15,9 +16,7 @@ def _counts() -> dict[str, int]:
     return {"total": 0, **{s: 0 for s in STATUSES}}
 
 
-def availability(
-    conn: sqlite3.Connection, lot: str, *, zone: str | None = None, type_: str | None = None, now: float | None = None
-) -> dict[str, Any]:
+def query(lot: str, zone: str | None = None, type_: str | None = None) -> tuple[str, list[Any]]:
     sql = "SELECT zone, type, status, COUNT(*) FROM slots WHERE lot = ?"
     args: list[Any] = [lot]
     if zone is not None:
@@ -26,16 +25,28 @@ def availability(
     if type_ is not None:
         sql += " AND type = ?"
         args.append(type_)
+    return sql + " GROUP BY zone, type, status ORDER BY zone, type", args
+
+
+def fold(lot: str, rows: Iterable[tuple[str, str, str, int]], now: float | None = None) -> dict[str, Any]:
+    """Build the document from (zone, type, status, count) rows."""
     doc: dict[str, Any] = {"lot": lot, "ts": iso_ms(time.time() if now is None else now), **_counts()}
     zones: dict[str, dict[str, int]] = {}
     types: dict[str, dict[str, int]] = {}
-    for z, t, status, n in conn.execute(sql + " GROUP BY zone, type, status ORDER BY zone, type", args):
+    for z, t, status, n in rows:
         for bucket in (doc, zones.setdefault(z, _counts()), types.setdefault(t, _counts())):
             bucket["total"] += n
             bucket[status] += n
-    doc["zones"] = zones
-    doc["types"] = types
+    doc["zones"] = dict(sorted(zones.items()))
+    doc["types"] = dict(sorted(types.items()))
     return doc
+
+
+def availability(
+    conn: sqlite3.Connection, lot: str, *, zone: str | None = None, type_: str | None = None, now: float | None = None
+) -> dict[str, Any]:
+    sql, args = query(lot, zone, type_)
+    return fold(lot, conn.execute(sql, args), now)
 
 
 def lots(conn: sqlite3.Connection) -> list[str]:

@@ -85,7 +85,7 @@ def _quiet_amqtt() -> None:
         broker_logger.addFilter(_AmqttNoise())
 
 
-def _usernames(users_file: str) -> list[str]:
+def usernames(users_file: str) -> list[str]:
     try:
         lines = Path(users_file).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -116,7 +116,7 @@ class EmbeddedBroker:
         if opts.acl is not None or opts.subscribe_acl is not None:
             subscribe = opts.subscribe_acl
             if subscribe is None:
-                users = _usernames(opts.users_file) if opts.users_file is not None else []
+                users = usernames(opts.users_file) if opts.users_file is not None else []
                 if opts.allow_anonymous:
                     users.append("anonymous")
                 subscribe = {user: ["#"] for user in users}

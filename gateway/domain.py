@@ -114,3 +114,13 @@ class RecordRejections(Command):
 @dataclass(frozen=True, slots=True)
 class Housekeeping(Command):
     """Expire idempotency keys, trim the rejection log and erase old plates."""
+
+
+@dataclass(frozen=True, slots=True)
+class RaiseAlert(Command):
+    """An alert from outside the writer's own decisions (an unknown device, a lane fault)."""
+
+    code: str
+    severity: Literal["info", "warning", "critical"]
+    subject: dict[str, Any]
+    message: str

@@ -61,7 +61,7 @@ MIGRATIONS: tuple[str, ...] = (
     -- the second fence behind the single writer (guarantee 1)
     CREATE UNIQUE INDEX sessions_one_per_slot ON sessions (slot) WHERE state = 'active' AND slot IS NOT NULL;
     CREATE UNIQUE INDEX sessions_one_per_vehicle ON sessions (lot, vehicle) WHERE state = 'active';
-    CREATE INDEX sessions_active_plate ON sessions (lot, plate) WHERE state = 'active';
+    CREATE INDEX sessions_active_plate ON sessions (plate, lot) WHERE state = 'active';
     CREATE INDEX sessions_ended_at ON sessions (ended_at) WHERE state != 'active';
     CREATE TABLE idempotency (
         key TEXT PRIMARY KEY,

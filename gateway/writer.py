@@ -23,6 +23,7 @@ from gateway.domain import (
     Enter,
     Exit,
     Housekeeping,
+    RaiseAlert,
     RecordRejections,
     Reply,
     SensorChange,
@@ -54,6 +55,11 @@ def _record_rejections(txn: Txn, cmd: RecordRejections) -> dict[str, Any]:
     return {}
 
 
+def _raise_alert(txn: Txn, cmd: RaiseAlert) -> dict[str, Any]:
+    txn.alert(cmd.code, cmd.severity, cmd.subject, cmd.message)
+    return {}
+
+
 def _housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
     s = txn.settings
     gone = txn.conn.execute(
@@ -75,6 +81,7 @@ HANDLERS: dict[type[Command], Handler] = {
     SensorChange: slots.sensor_change,
     RecordRejections: _record_rejections,
     Housekeeping: _housekeeping,
+    RaiseAlert: _raise_alert,
 }
 
 
@@ -257,11 +264,13 @@ class Writer:
 
     @staticmethod
     def _remember(txn: Txn, cmd: Command, reply: Reply) -> None:
+        keys = [k for k in (cmd.idempotency_key, getattr(cmd, "reread_key", None)) if k is not None]
+        if not keys:
+            return
         body = json.dumps(reply.to_json(), separators=(",", ":"))
-        for key in (cmd.idempotency_key, getattr(cmd, "reread_key", None)):
-            if key is not None:
-                txn.conn.execute(
-                    "INSERT INTO idempotency (key, reply, created_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET reply = excluded.reply, created_at = excluded.created_at",
-                    (key, body, txn.now),
-                )
+        for key in keys:
+            txn.conn.execute(
+                "INSERT INTO idempotency (key, reply, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET reply = excluded.reply, created_at = excluded.created_at",
+                (key, body, txn.now),
+            )

@@ -1,0 +1,204 @@
+"""Device messages in: topic -> driver -> typed observation -> sensor tracker or writer command.
+
+Bad input is counted per (source, reason), logged at most once per source per minute, and kept in the store
+(the last N, via the writer). It never reaches a decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+
+from drivers.json_camera import parse_json_camera
+from drivers.json_sensor import parse_json_sensor
+from drivers.observations import PlateRead, Rejected, SensorObservation
+from drivers.platerecognizer import parse_platerecognizer
+from drivers.tts import parse_tts_uplink
+from gateway.config import GateConfig, GatewayConfig
+from gateway.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange
+from gateway.mqtt import Incoming
+from gateway.plates import PlateError, normalise
+from gateway.sensors import SensorTracker, Verdict
+from gateway.topics import match
+from gateway.writer import Writer
+
+log = structlog.get_logger("gateway.ingress")
+
+Kind = Literal["sensors", "tts", "cameras", "platerecognizer"]
+UNKNOWN_ALERT_EVERY = 3600.0
+LOG_EVERY = 60.0
+DETAIL_MAX = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    topic_filter: str
+    kind: Kind
+
+
+class Ingress:
+    """Owns the sensor tracker and the counters; the MQTT link hands it every device message."""
+
+    def __init__(self, config: GatewayConfig, writer: Writer, *, clock: Callable[[], float] = time.time) -> None:
+        self._writer = writer
+        self._clock = clock
+        ing = config.ingress
+        by_kind: tuple[tuple[Kind, list[str]], ...] = (
+            ("sensors", ing.sensors),
+            ("tts", ing.tts),
+            ("cameras", ing.cameras),
+            ("platerecognizer", ing.platerecognizer),
+        )
+        self.routes = [Route(f, kind) for kind, filters in by_kind for f in filters]
+        self.sensors = {spec.sensor for spec in config.slot_specs()}
+        self.gates: dict[str, GateConfig] = {g.camera: g for g in config.gates if g.camera is not None}
+        self.tracker = SensorTracker(debounce=config.timing.debounce)
+        self.accepted: Counter[str] = Counter()
+        self.rejected: Counter[tuple[str, str]] = Counter()
+        self.verdicts: Counter[str] = Counter()
+        self.decisions: Counter[str] = Counter()
+        self._pending_rejections: list[tuple[float, str, str, str]] = []
+        self._unknown_alerted: dict[str, float] = {}
+        self._last_logged: dict[str, float] = {}
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def subscriptions(self) -> tuple[tuple[str, int], ...]:
+        return tuple((r.topic_filter, 1) for r in self.routes)
+
+    def seed(self, states: dict[str, str]) -> None:
+        """Committed sensor states from the store, so a restart does not re-emit what is known."""
+        for sensor, state in states.items():
+            self.tracker.seed(sensor, {"occupied": True, "vacant": False}.get(state))
+
+    def handles(self, topic: str) -> bool:
+        return any(match(r.topic_filter, topic) is not None for r in self.routes)
+
+    async def handle(self, msg: Incoming) -> None:
+        now = self._clock()
+        for route in self.routes:
+            levels = match(route.topic_filter, msg.topic)
+            if levels is None or not levels:
+                continue
+            try:
+                self._dispatch(route.kind, levels, msg.payload, now)
+            except Rejected as exc:
+                self._reject(route.kind, levels[0], exc.reason, exc.detail, now)
+            return
+
+    def _dispatch(self, kind: Kind, levels: list[str], payload: bytes, now: float) -> None:
+        if kind == "sensors":
+            self._sensor(parse_json_sensor(levels[0], payload, now=now), now)
+        elif kind == "tts":
+            # TTS puts the application first (v3/<app>/devices/<device>/up): the device is the last `+`.
+            self._sensor(parse_tts_uplink(levels[-1], payload, now=now), now)
+        elif kind == "cameras":
+            self._plate(parse_json_camera(levels[0], payload, now=now), now)
+        else:
+            for read in parse_platerecognizer(levels[0], payload, now=now):
+                self._plate(read, now)
+
+    def _sensor(self, obs: SensorObservation, now: float) -> None:
+        if obs.sensor_id not in self.sensors:
+            self._unknown(obs.sensor_id, now)
+            raise Rejected("unknown_device", f"sensor {obs.sensor_id!r} is not configured")
+        verdict = self.tracker.observe(obs, now)
+        self.verdicts[verdict.value] += 1
+        if verdict in (Verdict.ACCEPTED, Verdict.REBOOT):
+            self.accepted[obs.source] += 1
+            self._wakeup.set()
+
+    def _plate(self, read: PlateRead, now: float) -> None:
+        gate = self.gates.get(read.camera_id)
+        if gate is None:
+            self._unknown(read.camera_id, now)
+            raise Rejected("unknown_device", f"camera {read.camera_id!r} is not at a configured gate")
+        try:
+            plate = normalise(read.plate)
+        except PlateError as exc:
+            raise Rejected("bad_plate", str(exc)) from None
+        self.accepted["camera"] += 1
+        keys = {
+            "idempotency_key": f"cam:{read.camera_id}:{read.event_id}",
+            "reread_key": f"rr:{gate.id}:{plate}",
+        }
+        cmd: Command
+        if gate.direction == "entry":
+            cmd = Enter(vehicle=plate, gate=gate.id, **keys)
+        else:
+            cmd = Exit(vehicle=plate, gate=gate.id, candidates=read.candidates, **keys)
+        self._spawn(self._decide(cmd))
+
+    async def _decide(self, cmd: Command) -> None:
+        reply = await self._writer.submit(cmd)
+        self.decisions[reply.code or "ok"] += 1
+
+    def _unknown(self, device: str, now: float) -> None:
+        last = self._unknown_alerted.get(device)
+        if last is not None and now - last < UNKNOWN_ALERT_EVERY:
+            return
+        self._unknown_alerted[device] = now
+        self._spawn(
+            self._writer_submit(
+                RaiseAlert(
+                    code="device.unknown",
+                    severity="warning",
+                    subject={"device": device},
+                    message=f"messages from {device!r}, which is not configured",
+                )
+            )
+        )
+
+    def _reject(self, kind: str, device: str, reason: str, detail: str, now: float) -> None:
+        self.rejected[(kind, reason)] += 1
+        source = f"{kind}/{device}"[:DETAIL_MAX]
+        self._pending_rejections.append((now, source, reason, detail[:DETAIL_MAX]))
+        last = self._last_logged.get(kind)
+        if last is None or now - last >= LOG_EVERY:
+            self._last_logged[kind] = now
+            log.warning("input rejected", source=source, reason=reason, detail=detail[:DETAIL_MAX])
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _writer_submit(self, cmd: Command) -> None:
+        await self._writer.submit(cmd)
+
+    async def run(self) -> None:
+        """Commit debounced sensor transitions when due; flush the rejection log once a second."""
+        try:
+            await asyncio.gather(self._debounce_loop(), self._flush_loop())
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _debounce_loop(self) -> None:
+        while True:
+            deadline = self.tracker.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            self._wakeup.clear()
+            if timeout is None or timeout > 0:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                except TimeoutError:
+                    pass
+            for t in self.tracker.due(self._clock()):
+                state: Literal["occupied", "vacant"] = "occupied" if t.occupied else "vacant"
+                self._spawn(self._writer_submit(SensorChange(sensor=t.sensor_id, state=state, at=t.at)))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._pending_rejections:
+                items, self._pending_rejections = self._pending_rejections, []
+                await self._writer.submit(RecordRejections(items=tuple(items)))

@@ -1,0 +1,74 @@
+"""The daemon's read side: its own aiosqlite connection (WAL readers never block the writer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway import availability
+
+
+class ReadStore:
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> ReadStore:
+        conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+        await conn.execute("PRAGMA busy_timeout=5000")
+        return cls(conn, path)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def availability(self, lot: str, zone: str | None = None, type_: str | None = None) -> dict[str, Any]:
+        sql, args = availability.query(lot, zone, type_)
+        async with self._conn.execute(sql, args) as cur:
+            rows = [(str(z), str(t), str(s), int(n)) for z, t, s, n in await cur.fetchall()]
+        return availability.fold(lot, rows)
+
+    async def slots(self) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT t.id, t.lot, t.zone, t.type, t.status, t.since, t.sensor, t.sensor_state,"
+            " (SELECT s.id FROM sessions s WHERE s.slot = t.id AND s.state = 'active') FROM slots t"
+            " ORDER BY t.lot, t.fill_order"
+        )
+        keys = ("slot", "lot", "zone", "type", "status", "since", "sensor_id", "sensor", "session")
+        async with self._conn.execute(sql) as cur:
+            return [dict(zip(keys, row, strict=True)) for row in await cur.fetchall()]
+
+    async def sessions(self, lot: str | None, active: bool | None, limit: int = 1000) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT id, lot, zone, slot, vehicle, state, entry_gate, exit_gate, started_at, ended_at, duration_s,"
+            " fee_amount, fee_currency FROM sessions WHERE 1 = 1"
+        )
+        args: list[Any] = []
+        if lot is not None:
+            sql += " AND lot = ?"
+            args.append(lot)
+        if active is not None:
+            sql += " AND state = 'active'" if active else " AND state != 'active'"
+        sql += " ORDER BY started_at DESC LIMIT ?"
+        args.append(limit)
+        keys = (
+            "session_id", "lot", "zone", "slot", "vehicle", "state", "entry_gate", "exit_gate", "started_at",
+            "ended_at", "duration_s", "fee_amount", "fee_currency",
+        )  # fmt: skip
+        async with self._conn.execute(sql, args) as cur:
+            return [dict(zip(keys, row, strict=True)) for row in await cur.fetchall()]
+
+    async def outbox_backlog(self) -> int:
+        async with self._conn.execute("SELECT COUNT(*) FROM outbox") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    def db_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            p = Path(f"{self.path}{suffix}")
+            if p.exists():
+                total += p.stat().st_size
+        return total

@@ -1,0 +1,168 @@
+"""Requests on R/request/<verb> (contract §3.3): validate, decide through the writer, reply after commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.domain import Block, Command, Enter, Exit, Reply, Unblock
+from gateway.mqtt import Incoming, MqttLink
+from gateway.reads import ReadStore
+from gateway.topics import Topics
+from gateway.txn import iso_ms
+from gateway.writer import Writer, WriterClosed
+
+log = structlog.get_logger("gateway.requests")
+
+MAX_REQUEST = 16 * 1024
+Text = Field(min_length=1, max_length=128)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    transaction: str = Field(min_length=1, max_length=128)
+
+
+class EnterRequest(_Request):
+    vehicle: str = Text
+    lot: str = Text
+    zone: str | None = None
+    type: str | None = None
+    gate: str | None = None
+
+
+class ExitRequest(_Request):
+    vehicle: str | None = None
+    session_id: str | None = None
+    gate: str | None = None
+
+
+class AvailabilityRequest(_Request):
+    lot: str = Text
+    zone: str | None = None
+    type: str | None = None
+
+
+class SlotRequest(_Request):
+    slot: str = Text
+    reason: str = Field("", max_length=200)
+
+
+class SessionsRequest(_Request):
+    lot: str | None = None
+    active: bool | None = None
+
+
+VERBS: dict[str, type[_Request]] = {
+    "enter": EnterRequest,
+    "exit": ExitRequest,
+    "availability": AvailabilityRequest,
+    "block": SlotRequest,
+    "unblock": SlotRequest,
+    "sessions": SessionsRequest,
+}
+# In the contract, arriving with later releases (reservations, pricing, gate lanes).
+LATER = {"reserve", "cancel_reservation", "pay", "open_gate", "set_gate_mode"}
+
+
+def _command(verb: str, req: _Request) -> Command:
+    key = f"tx:{req.transaction}"
+    if isinstance(req, EnterRequest):
+        return Enter(vehicle=req.vehicle, lot=req.lot, zone=req.zone, type=req.type, gate=req.gate, idempotency_key=key)
+    if isinstance(req, ExitRequest):
+        return Exit(vehicle=req.vehicle, session_id=req.session_id, gate=req.gate, idempotency_key=key)
+    assert isinstance(req, SlotRequest)
+    cls = Block if verb == "block" else Unblock
+    return cls(slot=req.slot, reason=req.reason, idempotency_key=key)
+
+
+class Requests:
+    """Each request is handled in its own task so one slow reply never holds up the MQTT link."""
+
+    def __init__(self, writer: Writer, reads: ReadStore, topics: Topics, lots: set[str]) -> None:
+        self._writer = writer
+        self._reads = reads
+        self._topics = topics
+        self._lots = lots
+        self.link: MqttLink | None = None
+        self.handled = 0
+        self.invalid = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, msg: Incoming) -> None:
+        verb = msg.topic.rsplit("/", 1)[-1]
+        task = asyncio.create_task(self._serve(verb, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, verb: str, msg: Incoming) -> None:
+        transaction, reply = await self._answer(verb, msg.payload)
+        self.handled += 1
+        if not reply.ok and reply.code == "invalid_request":
+            self.invalid += 1
+        if self.link is not None:
+            self.link.publish(
+                msg.response_topic or self._topics.response(verb),
+                json.dumps(reply.to_json(transaction), separators=(",", ":")),
+                qos=1,
+                correlation_data=msg.correlation_data,
+            )
+
+    async def _answer(self, verb: str, payload: bytes) -> tuple[str | None, Reply]:
+        transaction: str | None = None
+        try:
+            if len(payload) > MAX_REQUEST:
+                return None, Reply.error("invalid_request", f"request larger than {MAX_REQUEST} bytes")
+            doc = json.loads(payload, parse_constant=_no_constant)
+            if isinstance(doc, dict) and isinstance(doc.get("transaction"), str):
+                transaction = doc["transaction"][:128]
+            if verb in LATER:
+                return transaction, Reply.error("invalid_request", f"{verb!r} is not supported by this release")
+            model = VERBS.get(verb)
+            if model is None:
+                return transaction, Reply.error("invalid_request", f"unknown verb {verb!r}")
+            req = model.model_validate(doc)
+        except (ValueError, RecursionError) as exc:
+            return transaction, Reply.error("invalid_request", _problem(exc))
+        try:
+            return transaction, await self._do(verb, req)
+        except WriterClosed:
+            return transaction, Reply.error("unavailable", "the gateway is shutting down")
+
+    async def _do(self, verb: str, req: _Request) -> Reply:
+        if isinstance(req, AvailabilityRequest):
+            if req.lot not in self._lots:
+                return Reply.error("unknown_lot", f"no lot {req.lot!r}")
+            return Reply(True, await self._reads.availability(req.lot, req.zone, req.type))
+        if isinstance(req, SessionsRequest):
+            rows = await self._reads.sessions(req.lot, req.active)
+            for row in rows:
+                for key in ("started_at", "ended_at"):
+                    if row[key] is not None:
+                        row[key] = iso_ms(row[key])
+            return Reply(True, {"sessions": rows})
+        return await self._writer.submit(_command(verb, req))
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _problem(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in err["loc"]) or "request"
+            parts.append(f"{loc}: {err['msg']}")
+        return "; ".join(parts)
+    if isinstance(exc, RecursionError):
+        return "request nested too deeply"
+    return f"invalid JSON: {exc}"[:200]

@@ -1,0 +1,152 @@
+"""The gateway end to end over real brokers: the bundled amqtt one and a Mosquitto subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import audit
+from gateway.availability import availability
+from tests.conftest import MosquittoProcess, free_port
+from tests.harness import R, observer, running, site_config
+from tests.helpers import reader
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+async def site(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    if request.param == "amqtt":
+        cfg = site_config(tmp_path / "state", port=free_port(), embedded=True)
+        yield cfg, None
+    else:
+        broker = MosquittoProcess(tmp_path)
+        broker.start()
+        try:
+            yield site_config(tmp_path / "state", port=broker.port, embedded=False), broker
+        finally:
+            broker.stop()
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+async def test_camera_entry_and_exit_publish_events_and_state(site: Any) -> None:
+    cfg, _ = site
+    async with running(cfg), observer(cfg.broker.port) as obs:
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        avail = await obs.wait_for(lambda: obs.state(f"{R}/lots/lot1/availability"))
+        assert (avail["total"], avail["available"]) == (8, 8)
+        for _ in range(3):  # repeated reads of one car: one decision
+            await obs.pub("cameras/cam-in1/reads", {"event_id": "e1", "plate": "AB 123 CD", "ts": now_iso()})
+        started = await obs.wait_for(lambda: obs.events("session.started"))
+        assert len(started) == 1 and started[0]["slot"] == "A-001" and started[0]["gate"] == "in1"
+        assert started[0]["vehicle"].startswith("v-")
+        await obs.wait_for(lambda: obs.state(f"{R}/lots/lot1/availability")["available"] == 7)
+        slot = obs.state(f"{R}/slots/A-001")
+        assert slot["status"] == "occupied" and slot["session"] == started[0]["session_id"]
+        # a misread at the exit still finds the car (confusable 8/B)
+        await obs.pub(
+            "cameras/cam-out1/platerecognizer",
+            {"data": {"camera_id": "cam-out1", "timestamp": now_iso(), "filename": "f1.jpg",
+                      "results": [{"plate": "a8123cd", "score": 0.9, "candidates": []}]}},
+        )  # fmt: skip
+        ended = await obs.wait_for(lambda: obs.events("session.ended"))
+        assert ended[0]["session_id"] == started[0]["session_id"] and ended[0]["gate"] == "out1"
+        await obs.wait_for(lambda: obs.state(f"{R}/lots/lot1/availability")["available"] == 8)
+        await asyncio.sleep(0.1)
+        seqs = [e["seq"] for e in obs.events()]
+        assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_status_online_then_offline_on_clean_stop(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = site_config(tmp_path / "state", port=mosquitto.port, embedded=False)
+    async with observer(mosquitto.port) as obs:
+        async with running(cfg):
+            await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "offline", timeout=5)
+
+
+async def test_sensor_transitions_are_debounced_and_committed(site: Any) -> None:
+    cfg, _ = site
+    async with running(cfg), observer(cfg.broker.port) as obs:
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        await obs.pub("sensors/A-003/state", {"occupied": True, "seq": 1})
+        await obs.pub("sensors/A-003/state", {"occupied": True, "seq": 1})  # duplicate
+        await obs.pub(
+            "v3/parking@ttn/devices/B-001/up",
+            {"end_device_ids": {"device_id": "B-001"}, "received_at": now_iso(),
+             "uplink_message": {"f_cnt": 7, "decoded_payload": {"occupied": True}}},
+        )  # fmt: skip
+        status = await obs.wait_for(lambda: len(obs.events("slot.status")) >= 2 and obs.events("slot.status"))
+        assert {e["slot"] for e in status} == {"A-003", "B-001"}
+        assert all(e["status"] == "occupied" and e["sensor"] == "occupied" for e in status)
+        alerts = obs.events("alert")
+        assert {a["code"] for a in alerts} == {"slot.unregistered_occupancy"}
+        await obs.wait_for(lambda: obs.state(f"{R}/lots/lot1/availability")["occupied"] == 2)
+        # An entry now skips the occupied A-003 (sensor evidence keeps it out of availability).
+        reply = await obs.request("enter", {"vehicle": "CAR1", "lot": "lot1"})
+        assert reply["status"] == "ok" and reply["data"]["slot"] == "A-001"
+    conn = reader(cfg)
+    assert audit(conn) == []
+    assert availability(conn, "lot1")["occupied"] == 3
+
+
+async def test_requests_reply_and_are_idempotent(site: Any) -> None:
+    cfg, _ = site
+    async with running(cfg), observer(cfg.broker.port) as obs:
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        body = {"transaction": "t-1", "vehicle": "XY 111 ZZ", "lot": "lot1", "type": "ev"}
+        await obs.pub(f"{R}/request/enter", body)
+        await obs.pub(f"{R}/request/enter", body)
+        replies = await obs.wait_for(
+            lambda: len(r := [json.loads(p) for t, p, _ in obs.messages if t == f"{R}/response/enter"]) == 2 and r
+        )
+        assert replies[0] == replies[1] and replies[0]["data"]["slot"] == "B-001"
+        assert len(obs.events("session.started")) == 1
+        avail = await obs.request("availability", {"lot": "lot1", "type": "ev"})
+        assert avail["data"]["total"] == 2 and avail["data"]["occupied"] == 1
+        sessions = await obs.request("sessions", {"lot": "lot1", "active": True})
+        assert [s["slot"] for s in sessions["data"]["sessions"]] == ["B-001"]
+        bad = await obs.request("enter", {"vehicle": 7, "lot": "lot1"})
+        assert bad["status"] == "error" and bad["error"]["code"] == "invalid_request"
+        assert "vehicle" in bad["error"]["message"]
+        full = await obs.request("enter", {"vehicle": "Q1", "lot": "nope"})
+        assert full["error"]["code"] == "unknown_lot"
+        later = await obs.request("reserve", {"reservation_id": "r1"})
+        assert later["error"]["code"] == "invalid_request"
+        blocked = await obs.request("block", {"slot": "A-001", "reason": "paint"})
+        assert blocked["status"] == "ok"
+        await obs.wait_for(lambda: obs.state(f"{R}/slots/A-001")["status"] == "blocked")
+        out = await obs.request("exit", {"vehicle": "XY111ZZ"})
+        assert out["status"] == "ok" and out["data"]["slot"] == "B-001" and out["data"]["fee"]["amount"] == 0
+
+
+async def test_mqtt5_response_topic_and_correlation(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    import aiomqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    cfg = site_config(tmp_path / "state", port=mosquitto.port, embedded=False)
+    async with (
+        running(cfg),
+        aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="v5-op", protocol=aiomqtt.ProtocolVersion.V5) as c,
+    ):
+        await c.subscribe("ops/replies/1", qos=1)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "ops/replies/1"
+        props.CorrelationData = b"corr-42"
+        await c.publish(
+            f"{R}/request/availability", json.dumps({"transaction": "a1", "lot": "lot1"}), qos=1, properties=props
+        )
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                assert m.topic.value == "ops/replies/1"
+                assert json.loads(m.payload)["data"]["total"] == 8  # type: ignore[arg-type]
+                assert m.properties is not None and m.properties.CorrelationData == b"corr-42"
+                break
