@@ -10,8 +10,8 @@ File format (a subset of mosquitto's `acl_file`, so integrators can reuse what t
     topic read parking/gw1/#
     pattern write sensors/%u/state
 
-`pattern` applies to every account of the users file, `%u` being the username. `topic`/`pattern` take `read`, `write` or `readwrite` (the default). Topic rules before any `user` line apply to
-anonymous clients.
+`pattern` applies to every account of the users file, `%u` being the username. `topic`/`pattern` take
+`read`, `write` or `readwrite` (the default). Topic rules before any `user` line apply to anonymous clients.
 
 Without an ACL file: the gateway's account may do everything; every other account may publish only to its
 own ingress topics (each `[ingress]` filter with the device's `+` replaced by the username) and subscribe to

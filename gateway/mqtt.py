@@ -144,7 +144,7 @@ class MqttLink:
                 self.dropped += 1
                 return
 
-    async def wait_connected(self, timeout: float) -> None:  # noqa: ASYNC109 (the interface names it)
+    async def wait_connected(self, timeout: float) -> None:
         """Return once connected, subscribed and announced online; TimeoutError otherwise."""
         async with asyncio.timeout(timeout):
             await self._up.wait()

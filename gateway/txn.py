@@ -40,6 +40,7 @@ class Settings:
     idempotency_ttl: float
     retention_s: float
     rejections_kept: int
+    has_upstream: bool
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> Settings:
@@ -66,6 +67,7 @@ class Settings:
             idempotency_ttl=cfg.timing.idempotency_ttl,
             retention_s=cfg.privacy.retention_days * 86400.0,
             rejections_kept=cfg.store.rejections_kept,
+            has_upstream=cfg.upstream is not None,
         )
 
 

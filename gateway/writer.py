@@ -37,6 +37,8 @@ log = structlog.get_logger("gateway.writer")
 
 Handler = Callable[[Txn, Any], dict[str, Any]]
 
+LOCAL_EVENTS_KEPT_S = 7 * 86400.0
+
 
 @dataclass(frozen=True, slots=True)
 class Committed:
@@ -70,7 +72,12 @@ def _housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
         "UPDATE sessions SET plate = NULL WHERE state != 'active' AND ended_at < ? AND plate IS NOT NULL",
         (txn.now - s.retention_s,),
     ).rowcount
-    return {"idempotency_expired": gone, "plates_erased": erased}
+    trimmed = 0
+    if not s.has_upstream:
+        # Nobody forwards and deletes: keep a week of events for `status` and late subscribers, drop the oldest.
+        # Deleting a prefix keeps the remaining seq range contiguous.
+        trimmed = txn.conn.execute("DELETE FROM outbox WHERE created_at < ?", (txn.now - LOCAL_EVENTS_KEPT_S,)).rowcount
+    return {"idempotency_expired": gone, "plates_erased": erased, "outbox_trimmed": trimmed}
 
 
 HANDLERS: dict[type[Command], Handler] = {

@@ -214,3 +214,28 @@ async def test_slot_removal_with_active_session_is_refused(tmp_path: Path) -> No
     w4 = new_writer(one)
     with pytest.raises(StoreError, match="A-002"):
         await w4.run()
+
+
+async def test_housekeeping_expires_keys_erases_plates_and_trims_local_outbox(tmp_path: Path) -> None:
+    from gateway.domain import Housekeeping
+
+    now = [1_000_000.0]
+    cfg = lot_config(tmp_path, slots=3)
+    w = new_writer(cfg, clock=lambda: now[0])
+    task = asyncio.create_task(w.run())
+    await w.wait_ready()
+    try:
+        first = await w.submit(Enter(vehicle="AAA111", lot="lot1", idempotency_key="tx:a"))
+        await w.submit(Exit(vehicle="AAA111"))
+        now[0] += 40 * 86400  # past the idempotency TTL, the 30-day retention and the local event week
+        await w.submit(Enter(vehicle="BBB222", lot="lot1"))
+        done = await w.submit(Housekeeping())
+        assert done.data == {"idempotency_expired": 1, "plates_erased": 1, "outbox_trimmed": 5}
+        again = await w.submit(Enter(vehicle="AAA111", lot="lot1", idempotency_key="tx:a"))
+        assert again.ok and again.data["session_id"] != first.data["session_id"]  # the key had expired
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    conn = reader(cfg)
+    assert conn.execute("SELECT plate FROM sessions WHERE id = ?", (first.data["session_id"],)).fetchone()[0] is None
+    assert audit(conn) == []
