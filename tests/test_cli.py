@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -25,7 +27,8 @@ def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) 
 def site(tmp_path: Path, slots: str = "A-001..A-005") -> Path:
     path = tmp_path / "gw.toml"
     path.write_text(
-        f'[gateway]\nid = "gw1"\nstate_dir = "{tmp_path / "state"}"\n[broker]\nallow_anonymous = true\n'
+        f'[gateway]\nid = "gw1"\nstate_dir = "{tmp_path / "state"}"\n'
+        f"[broker]\nallow_anonymous = true\nport = {free_port()}\n"
         f'[[lots]]\nid = "lot1"\n[[lots.zones]]\nid = "A"\nslots = [{{ ids = "{slots}" }}]\n'
     )
     return path
