@@ -34,6 +34,7 @@ Kind = Literal["sensors", "tts", "cameras", "platerecognizer"]
 UNKNOWN_ALERT_EVERY = 3600.0
 LOG_EVERY = 60.0
 DETAIL_MAX = 200
+MAX_TRACKED_SOURCES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +91,19 @@ class Ingress:
             try:
                 self._dispatch(route.kind, levels, msg.payload, now)
             except Rejected as exc:
-                self._reject(route.kind, levels[0], exc.reason, exc.detail, now)
+                self._reject(route.kind, self._device(route.kind, levels), exc.reason, exc.detail, now)
             return
+
+    @staticmethod
+    def _device(kind: Kind, levels: list[str]) -> str:
+        # TTS puts the application first (v3/<app>/devices/<device>/up): the device is the last `+`.
+        return levels[-1] if kind == "tts" else levels[0]
 
     def _dispatch(self, kind: Kind, levels: list[str], payload: bytes, now: float) -> None:
         if kind == "sensors":
             self._sensor(parse_json_sensor(levels[0], payload, now=now), now)
         elif kind == "tts":
-            # TTS puts the application first (v3/<app>/devices/<device>/up): the device is the last `+`.
-            self._sensor(parse_tts_uplink(levels[-1], payload, now=now), now)
+            self._sensor(parse_tts_uplink(self._device(kind, levels), payload, now=now), now)
         elif kind == "cameras":
             self._plate(parse_json_camera(levels[0], payload, now=now), now)
         else:
@@ -141,6 +146,8 @@ class Ingress:
         self.decisions[reply.code or "ok"] += 1
 
     def _unknown(self, device: str, now: float) -> None:
+        if len(self._unknown_alerted) > MAX_TRACKED_SOURCES:
+            self._unknown_alerted.clear()
         last = self._unknown_alerted.get(device)
         if last is not None and now - last < UNKNOWN_ALERT_EVERY:
             return
@@ -160,9 +167,11 @@ class Ingress:
         self.rejected[(kind, reason)] += 1
         source = f"{kind}/{device}"[:DETAIL_MAX]
         self._pending_rejections.append((now, source, reason, detail[:DETAIL_MAX]))
-        last = self._last_logged.get(kind)
+        if len(self._last_logged) > MAX_TRACKED_SOURCES:  # topics are attacker-chosen: bound the memory
+            self._last_logged.clear()
+        last = self._last_logged.get(source)
         if last is None or now - last >= LOG_EVERY:
-            self._last_logged[kind] = now
+            self._last_logged[source] = now
             log.warning("input rejected", source=source, reason=reason, detail=detail[:DETAIL_MAX])
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
