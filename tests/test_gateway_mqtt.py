@@ -150,3 +150,27 @@ async def test_mqtt5_response_topic_and_correlation(tmp_path: Path, mosquitto: M
                 assert json.loads(m.payload)["data"]["total"] == 8  # type: ignore[arg-type]
                 assert m.properties is not None and m.properties.CorrelationData == b"corr-42"
                 break
+
+
+async def test_availability_is_coalesced_and_ends_on_the_true_state(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = site_config(tmp_path / "state", port=mosquitto.port, embedded=False)
+    topic = f"{R}/lots/lot1/availability"
+    async with running(cfg), observer(mosquitto.port) as obs:
+        await obs.wait_for(lambda: obs.state(topic))
+        start = len(obs.messages)
+        t0 = time.monotonic()
+        for i in range(40):  # 40 sensor flips in quick succession, each a commit that changes availability
+            slot = f"A-00{i % 6 + 1}"
+            await obs.pub(f"sensors/{slot}/state", {"occupied": (i // 6) % 2 == 0, "seq": i + 1})
+        conn = reader(cfg)
+        await asyncio.sleep(1.5)
+        elapsed = time.monotonic() - t0
+        updates = [json.loads(p) for t, p, _ in obs.messages[start:] if t == topic]
+        truth = availability(conn, "lot1")
+        assert updates and updates[-1]["occupied"] == truth["occupied"]
+        assert updates[-1]["available"] == truth["available"]
+        # at most one per 500 ms (+1 for the leading edge)
+        assert len(updates) <= elapsed / 0.5 + 1
+        assert len(obs.events("slot.status")) > len(updates)
