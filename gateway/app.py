@@ -128,8 +128,8 @@ class Gateway:
                 tls_cert=b.tls.cert if b.tls else None,
                 tls_key=b.tls.key if b.tls else None,
                 subscriptions=(*self.ingress.subscriptions, (self.topics.requests, 1)),
-                # amqtt speaks 3.1.1 only; an external broker gets 5.0 for request/response properties.
-                protocol=3 if b.embedded else 5,
+                # amqtt speaks 3.1.1 only; an external broker gets what the config asks (5 by default).
+                protocol=5 if not b.embedded and b.mqtt_version == "5" else 3,
             ),
             on_message=self._on_message,
             log=log,

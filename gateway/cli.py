@@ -41,7 +41,27 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="check the store's invariants (read-only)")
     audit.add_argument("--config", type=Path)
+
+    demo = sub.add_parser("demo", help="the demo site: embedded broker, gateway and simulated devices, live")
+    demo.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    demo.add_argument("--port", type=int, metavar="N", help="broker port (default 1883 if free, else a free port)")
+    demo.add_argument("--seed", type=int, default=1, metavar="N", help="simulation seed (default 1)")
+    demo.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="keep the store here (default: a fresh temporary directory)"
+    )
+
+    from simulators.cli import add_arguments
+
+    simulate = sub.add_parser("simulate", help="simulated sensors and cameras against a broker")
+    add_arguments(simulate)
     return p
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _config(path: Path | None) -> GatewayConfig:
@@ -94,8 +114,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(run_daemon(cfg))
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    import structlog
+
+    from gateway.demo import DemoOptions, run_demo
+
+    if not 1 <= (args.port or 1) <= 65535:
+        raise UsageError(f"--port must be 1..65535, not {args.port}")
+    if not args.debug:
+        # The view owns the terminal; the gateway's routine log lines would scroll it away.
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    options = DemoOptions(duration=args.duration, port=args.port, seed=args.seed, state_dir=args.state_dir)
+    return asyncio.run(run_demo(options))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulators.cli import run_from_args
+
+    return asyncio.run(run_from_args(args))
+
+
 COMMANDS = {
     "run": _cmd_run,
+    "demo": _cmd_demo,
+    "simulate": _cmd_simulate,
     "check-config": _cmd_check_config,
     "status": _cmd_status,
     "audit": _cmd_audit,

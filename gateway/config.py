@@ -124,13 +124,21 @@ class BrokerConfig(_Model):
     )
     tls: TLSConfig | None = Field(None, description="TLS for the broker connection; unset: plain TCP.")
     acl_file: str | None = Field(
-        None, min_length=1, description="Embedded broker only: topic access control list file."
+        None,
+        min_length=1,
+        description="Embedded broker only: a Mosquitto-style ACL file (`user`, `topic`, `pattern` with `%u`); "
+        "unset: the gateway's account may do everything, every other account publish to its own ingress topics.",
     )
     users_file: str | None = Field(
         None,
         min_length=1,
-        description="Embedded broker only: `user:hash` password file (mosquitto_passwd format); required "
-        "unless `allow_anonymous`.",
+        description="Embedded broker only: `user:hash` lines, Argon2 hashes (`gateway.broker.hash_password`); "
+        "required unless `allow_anonymous`.",
+    )
+    mqtt_version: Literal["3.1.1", "5"] = Field(
+        "5",
+        description="External broker only: the protocol the gateway speaks to it. 5 lets requests carry a "
+        "response topic and correlation data; 3.1.1 costs less CPU per message. The bundled broker is 3.1.1.",
     )
     allow_anonymous: bool = Field(
         False,

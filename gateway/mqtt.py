@@ -27,6 +27,7 @@ __all__ = ["Incoming", "LinkOptions", "MqttLink"]
 
 # QoS>0 publishes in flight per connection: enough to fill a WAN round trip, small enough that the
 # messages to re-send after a broken connection stay few.
+_YIELD_EVERY = 32
 _WINDOW = 64
 # paho and aiomqtt (unlike asyncio transports) leave Nagle on: 88 ms instead of 0.4 ms per round trip.
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -202,6 +203,9 @@ class MqttLink:
         )
         # aiomqtt warns on every call beyond 10 pending; the window above is the real bound.
         client.pending_calls_threshold = 2 * _WINDOW + len(opts.subscriptions)
+        # PUBACK only once the message is handled: the broker's in-flight window then bounds what piles up
+        # in this process (backpressure) instead of an unbounded queue, and nothing is acknowledged unseen.
+        client._client.manual_ack_set(True)
         return client
 
     async def _connect(self, client: aiomqtt.Client) -> None:
@@ -288,6 +292,7 @@ class MqttLink:
         raise incoming.exception() or aiomqtt.MqttError("receiver stopped")
 
     async def _receive(self, client: aiomqtt.Client) -> None:
+        handled = 0
         async for message in client.messages:
             props = message.properties
             correlation = getattr(props, "CorrelationData", None)
@@ -304,6 +309,12 @@ class MqttLink:
             except Exception:
                 # One bad message must not cost the connection or the messages behind it.
                 self._log.exception("mqtt.on_message_failed", topic=incoming.topic)
+            if message.qos > 0:
+                client._client.ack(message.mid, message.qos)
+            handled += 1
+            if handled % _YIELD_EVERY == 0:
+                # A queue that is never empty never suspends `async for`: let the writer and timers run.
+                await asyncio.sleep(0)
 
     async def _send_all(
         self,
