@@ -10,7 +10,9 @@ import structlog
 
 def configure(*, debug: bool = False, json_lines: bool | None = None) -> None:
     if json_lines is None:
-        json_lines = not sys.stderr.isatty()
+        # JSON lines for machines (journald, a pipe, a file), readable lines for a person at a terminal.
+        # Lines go to stderr so that command output on stdout (`status --json`) stays parseable.
+        json_lines = not sys.stdout.isatty()
     level = logging.DEBUG if debug else logging.INFO
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -27,7 +29,17 @@ def configure(*, debug: bool = False, json_lines: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # Libraries log through stdlib logging; keep them quiet unless they have something serious to say.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("amqtt", "transitions"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL if not debug else logging.INFO)
+    # Libraries log through stdlib logging: warnings and worse only (gateway/broker.py tunes amqtt's own).
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(logging.WARNING)
+
+
+class _ToStructlog(logging.Handler):
+    """Library records (amqtt, paho, aiosqlite) through the same renderer, so a JSON log stays all JSON."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage(), logger=record.name)
+        except Exception:
+            self.handleError(record)

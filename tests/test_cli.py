@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -52,7 +53,7 @@ def test_check_config_ok_and_errors(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
-def _run_daemon(config: Path) -> None:
+def _run_daemon(config: Path) -> str:
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "run", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -71,11 +72,16 @@ def _run_daemon(config: Path) -> None:
         _out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+    return err
 
 
 def test_run_creates_store_and_key_and_stops_on_sigterm(tmp_path: Path) -> None:
     config = site(tmp_path)
-    _run_daemon(config)
+    log = _run_daemon(config)
+    # Not a terminal: every log line is a JSON object with a level and an event.
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert {"gateway started", "gateway stopping"} <= {line["event"] for line in lines}
+    assert all("level" in line and "timestamp" in line for line in lines)
     key = tmp_path / "state" / "plate.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert len(key.read_bytes()) == 32
