@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
 
@@ -35,6 +35,7 @@ UNKNOWN_ALERT_EVERY = 3600.0
 LOG_EVERY = 60.0
 DETAIL_MAX = 200
 MAX_TRACKED_SOURCES = 10_000
+MAX_IN_FLIGHT = 1024  # commands handed to the writer and not yet committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,8 @@ class Ingress:
         self._last_logged: dict[str, float] = {}
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: deque[Command] = deque()
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     @property
     def subscriptions(self) -> tuple[tuple[str, int], ...]:
@@ -78,9 +81,6 @@ class Ingress:
         """Committed sensor states from the store, so a restart does not re-emit what is known."""
         for sensor, state in states.items():
             self.tracker.seed(sensor, {"occupied": True, "vacant": False}.get(state))
-
-    def handles(self, topic: str) -> bool:
-        return any(match(r.topic_filter, topic) is not None for r in self.routes)
 
     async def handle(self, msg: Incoming) -> None:
         now = self._clock()
@@ -92,6 +92,7 @@ class Ingress:
                 self._dispatch(route.kind, levels, msg.payload, now)
             except Rejected as exc:
                 self._reject(route.kind, self._device(route.kind, levels), exc.reason, exc.detail, now)
+            await self._submit_pending()
             return
 
     @staticmethod
@@ -139,11 +140,7 @@ class Ingress:
             cmd = Enter(vehicle=plate, gate=gate.id, **keys)
         else:
             cmd = Exit(vehicle=plate, gate=gate.id, candidates=read.candidates, **keys)
-        self._spawn(self._decide(cmd))
-
-    async def _decide(self, cmd: Command) -> None:
-        reply = await self._writer.submit(cmd)
-        self.decisions[reply.code or "ok"] += 1
+        self._pending.append(cmd)
 
     def _unknown(self, device: str, now: float) -> None:
         if len(self._unknown_alerted) > MAX_TRACKED_SOURCES:
@@ -152,14 +149,12 @@ class Ingress:
         if last is not None and now - last < UNKNOWN_ALERT_EVERY:
             return
         self._unknown_alerted[device] = now
-        self._spawn(
-            self._writer_submit(
-                RaiseAlert(
-                    code="device.unknown",
-                    severity="warning",
-                    subject={"device": device},
-                    message=f"messages from {device!r}, which is not configured",
-                )
+        self._pending.append(
+            RaiseAlert(
+                code="device.unknown",
+                severity="warning",
+                subject={"device": device},
+                message=f"messages from {device!r}, which is not configured",
             )
         )
 
@@ -174,13 +169,26 @@ class Ingress:
             self._last_logged[source] = now
             log.warning("input rejected", source=source, reason=reason, detail=detail[:DETAIL_MAX])
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _submit_pending(self) -> None:
+        """Hand queued commands to the writer without awaiting their commit, at most MAX_IN_FLIGHT at once.
 
-    async def _writer_submit(self, cmd: Command) -> None:
-        await self._writer.submit(cmd)
+        Waiting for a free place holds up this message's caller, the MQTT receive loop, and with it the PUBACK:
+        a writer that falls behind slows the broker down instead of piling up tasks in memory.
+        """
+        while self._pending:
+            cmd = self._pending.popleft()
+            await self._in_flight.acquire()
+            task = asyncio.create_task(self._submit(cmd))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _submit(self, cmd: Command) -> None:
+        try:
+            reply = await self._writer.submit(cmd)
+            if isinstance(cmd, Enter | Exit):
+                self.decisions[reply.code or "ok"] += 1
+        finally:
+            self._in_flight.release()
 
     async def run(self) -> None:
         """Commit debounced sensor transitions when due; flush the rejection log once a second."""
@@ -203,7 +211,8 @@ class Ingress:
                     pass
             for t in self.tracker.due(self._clock()):
                 state: Literal["occupied", "vacant"] = "occupied" if t.occupied else "vacant"
-                self._spawn(self._writer_submit(SensorChange(sensor=t.sensor_id, state=state, at=t.at)))
+                self._pending.append(SensorChange(sensor=t.sensor_id, state=state, at=t.at))
+            await self._submit_pending()
 
     async def _flush_loop(self) -> None:
         while True:

@@ -187,6 +187,12 @@ class MqttLink:
         tls = None
         if opts.tls_ca or opts.tls_cert or opts.tls_key:
             tls = aiomqtt.TLSParameters(ca_certs=opts.tls_ca, certfile=opts.tls_cert, keyfile=opts.tls_key)
+        connect_props = None
+        if opts.protocol == 5:
+            # MQTT 5 brokers honour the client's Receive Maximum (paho's default is 65535): with manual PUBACKs
+            # below, this is the bound on unacknowledged messages the broker pushes at us.
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_props.ReceiveMaximum = _WINDOW
         client = aiomqtt.Client(
             opts.host,
             opts.port,
@@ -200,6 +206,7 @@ class MqttLink:
             max_inflight_messages=_WINDOW,
             max_queued_outgoing_messages=2 * _WINDOW,
             socket_options=(_NODELAY,),
+            properties=connect_props,
         )
         # aiomqtt warns on every call beyond 10 pending; the window above is the real bound.
         client.pending_calls_threshold = 2 * _WINDOW + len(opts.subscriptions)
