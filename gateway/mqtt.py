@@ -14,7 +14,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aiomqtt
 import structlog
@@ -74,6 +74,7 @@ class _Outgoing:
     retain: bool
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    droppable: bool = True
 
 
 class MqttLink:
@@ -102,6 +103,7 @@ class MqttLink:
         self._wakeup = asyncio.Event()
         self._up = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self._gate: _ReadGate | None = None  # the current client's
 
     @property
     def queue_depth(self) -> int:
@@ -116,8 +118,12 @@ class MqttLink:
         retain: bool = False,
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
+        droppable: bool = True,
     ) -> None:
-        """Queue a message; a retained one also becomes the topic's state re-published on reconnect."""
+        """Queue a message; a retained one also becomes the topic's state re-published on reconnect.
+
+        When the queue is full the oldest droppable message goes; `droppable=False` (replies) never does.
+        """
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         if retain:
             if data:
@@ -129,7 +135,7 @@ class MqttLink:
             self._queued_retained.add(topic)
             self._queue.append(_Outgoing(topic, None, qos, True))
         else:
-            self._queue.append(_Outgoing(topic, data, qos, False, response_topic, correlation_data))
+            self._queue.append(_Outgoing(topic, data, qos, False, response_topic, correlation_data, droppable))
         if len(self._queue) > self.options.queue_max:
             self._drop_oldest()
         self._wakeup.set()
@@ -137,7 +143,7 @@ class MqttLink:
     def _drop_oldest(self) -> None:
         # Retained entries are never dropped: there is at most one per topic and each is current state.
         for index, item in enumerate(self._queue):
-            if not item.retain:
+            if not item.retain and item.droppable:
                 del self._queue[index]
                 if not self._drop_warned:
                     self._drop_warned = True
@@ -210,6 +216,15 @@ class MqttLink:
         )
         # aiomqtt warns on every call beyond 10 pending; the window above is the real bound.
         client.pending_calls_threshold = 2 * _WINDOW + len(opts.subscriptions)
+        gate = _ReadGate(client)
+        deliver = client._client.on_message
+
+        def on_message(paho: Any, userdata: Any, message: Any) -> None:
+            deliver(paho, userdata, message)  # type: ignore[misc]
+            gate.check()
+
+        client._client.on_message = on_message
+        self._gate = gate
         # PUBACK only once the message is handled: the broker's in-flight window then bounds what piles up
         # in this process (backpressure) instead of an unbounded queue, and nothing is acknowledged unseen.
         client._client.manual_ack_set(True)
@@ -300,9 +315,10 @@ class MqttLink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         handled = 0
-        reading = _ReadGate(client)
+        gate = self._gate
         async for message in client.messages:
-            reading.check()
+            if gate is not None:
+                gate.check()
             props = message.properties
             correlation = getattr(props, "CorrelationData", None)
             incoming = Incoming(

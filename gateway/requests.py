@@ -114,6 +114,7 @@ class Requests:
                 json.dumps(reply.to_json(transaction), separators=(",", ":")),
                 qos=1,
                 correlation_data=msg.correlation_data,
+                droppable=False,
             )
 
     async def _answer(self, verb: str, payload: bytes) -> tuple[str | None, Reply]:
