@@ -14,7 +14,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import aiomqtt
 import structlog
@@ -103,7 +103,6 @@ class MqttLink:
         self._wakeup = asyncio.Event()
         self._up = asyncio.Event()
         self._client: aiomqtt.Client | None = None
-        self._gate: _ReadGate | None = None  # the current client's
 
     @property
     def queue_depth(self) -> int:
@@ -216,15 +215,6 @@ class MqttLink:
         )
         # aiomqtt warns on every call beyond 10 pending; the window above is the real bound.
         client.pending_calls_threshold = 2 * _WINDOW + len(opts.subscriptions)
-        gate = _ReadGate(client)
-        deliver = client._client.on_message
-
-        def on_message(paho: Any, userdata: Any, message: Any) -> None:
-            deliver(paho, userdata, message)  # type: ignore[misc]
-            gate.check()
-
-        client._client.on_message = on_message
-        self._gate = gate
         # PUBACK only once the message is handled: the broker's in-flight window then bounds what piles up
         # in this process (backpressure) instead of an unbounded queue, and nothing is acknowledged unseen.
         client._client.manual_ack_set(True)
@@ -315,10 +305,7 @@ class MqttLink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         handled = 0
-        gate = self._gate
         async for message in client.messages:
-            if gate is not None:
-                gate.check()
             props = message.properties
             correlation = getattr(props, "CorrelationData", None)
             incoming = Incoming(
@@ -409,49 +396,3 @@ class MqttLink:
         self._inflight.clear()
         self._queue.extendleft(reversed(back))
 
-
-class _ReadGate:
-    """Stops reading the socket while too many received messages wait to be handled.
-
-    paho reads whatever the broker sends into aiomqtt's unbounded queue, and brokers do not reliably hold back
-    on unacknowledged QoS 1 deliveries (measured: Mosquitto 2.0 pushed 10,000+ ahead of our PUBACKs), so a
-    burst costs memory (~6 KB per queued MQTT 5 message). Taking the socket out of the event loop's read set
-    pushes the backlog back into TCP and the broker's own queue. This reaches into aiomqtt's queue and the
-    selector's reader handle; if either is not where it is expected, the gate stays open.
-    """
-
-    HIGH = 500
-    LOW = 100
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self._queue: asyncio.Queue[object] | None = getattr(client, "_queue", None)
-        self._client = client
-        self._paused: tuple[int, Callable[[], object]] | None = None
-
-    def check(self) -> None:
-        if self._queue is None:
-            return
-        depth = self._queue.qsize()
-        if self._paused is None and depth > self.HIGH:
-            self._pause()
-        elif self._paused is not None and depth < self.LOW:
-            fd, callback = self._paused
-            self._paused = None
-            asyncio.get_running_loop().add_reader(fd, callback)
-
-    def _pause(self) -> None:
-        loop = asyncio.get_running_loop()
-        sock = self._client._client.socket()
-        selector = getattr(loop, "_selector", None)
-        if sock is None or selector is None:
-            return
-        fd = sock.fileno()
-        try:
-            reader = selector.get_key(fd).data[0]
-        except (KeyError, ValueError, AttributeError, IndexError):
-            return
-        if reader is None:
-            return
-        callback = reader._callback
-        loop.remove_reader(fd)
-        self._paused = (fd, callback)
