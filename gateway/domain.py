@@ -96,12 +96,19 @@ class Unblock(Command):
 
 
 @dataclass(frozen=True, slots=True)
-class SensorChange(Command):
-    """A debounced sensor transition, or the sensor going offline/online."""
+class SensorChange:
+    """A debounced sensor transition, or the sensor going offline."""
 
     sensor: str
     state: Literal["vacant", "occupied", "offline"]
     at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SensorChanges(Command):
+    """Sensor transitions applied as one command: the ingest path hands them over in batches."""
+
+    changes: tuple[SensorChange, ...]
 
 
 @dataclass(frozen=True, slots=True)

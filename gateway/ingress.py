@@ -21,7 +21,7 @@ from drivers.observations import PlateRead, Rejected, SensorObservation
 from drivers.platerecognizer import parse_platerecognizer
 from drivers.tts import parse_tts_uplink
 from gateway.config import GateConfig, GatewayConfig
-from gateway.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange
+from gateway.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange, SensorChanges
 from gateway.mqtt import Incoming
 from gateway.plates import PlateError, normalise
 from gateway.sensors import SensorTracker, Verdict
@@ -36,6 +36,7 @@ LOG_EVERY = 60.0
 DETAIL_MAX = 200
 MAX_TRACKED_SOURCES = 10_000
 MAX_IN_FLIGHT = 1024  # commands handed to the writer and not yet committed
+SENSOR_BATCH = 128  # debounced transitions per writer command: one task, one future, one savepoint for many
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,9 +210,12 @@ class Ingress:
                     await asyncio.wait_for(self._wakeup.wait(), timeout)
                 except TimeoutError:
                     pass
-            for t in self.tracker.due(self._clock()):
-                state: Literal["occupied", "vacant"] = "occupied" if t.occupied else "vacant"
-                self._pending.append(SensorChange(sensor=t.sensor_id, state=state, at=t.at))
+            due = [
+                SensorChange(sensor=t.sensor_id, state="occupied" if t.occupied else "vacant", at=t.at)
+                for t in self.tracker.due(self._clock())
+            ]
+            for i in range(0, len(due), SENSOR_BATCH):
+                self._pending.append(SensorChanges(changes=tuple(due[i : i + SENSOR_BATCH])))
             await self._submit_pending()
 
     async def _flush_loop(self) -> None:

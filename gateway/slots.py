@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from gateway.domain import Block, CommandError, SensorChange, Unblock
+from gateway.domain import Block, CommandError, SensorChange, SensorChanges, Unblock
 from gateway.txn import Txn, iso_ms
 
 _RANK = {"vacant": 0, "none": 1, "offline": 2, "occupied": 3}
@@ -78,13 +78,17 @@ def unblock(txn: Txn, cmd: Unblock) -> dict[str, Any]:
     return {}
 
 
-def sensor_change(txn: Txn, cmd: SensorChange) -> dict[str, Any]:
-    row = txn.conn.execute("SELECT id, lot, sensor_state FROM slots WHERE sensor = ?", (cmd.sensor,)).fetchone()
-    if row is None:
-        raise CommandError("unknown_slot", f"no slot has sensor {cmd.sensor!r}")
-    slot_id = row["id"]
-    if row["sensor_state"] == cmd.state:
-        return {"slot": slot_id, "changed": False}
+def sensor_changes(txn: Txn, cmd: SensorChanges) -> dict[str, Any]:
+    changed = [slot for change in cmd.changes if (slot := _sensor_change(txn, change)) is not None]
+    return {"changed": changed}
+
+
+def _sensor_change(txn: Txn, cmd: SensorChange) -> str | None:
+    """Apply one transition; the slot id when it changed something, None for a no-op or an unknown sensor."""
+    row = txn.conn.execute("SELECT id, sensor_state FROM slots WHERE sensor = ?", (cmd.sensor,)).fetchone()
+    if row is None or row["sensor_state"] == cmd.state:
+        return None
+    slot_id: str = row["id"]
     txn.conn.execute("UPDATE slots SET sensor_state = ? WHERE id = ?", (cmd.state, slot_id))
     session = active_session_on(txn.conn, slot_id)
     if cmd.state == "occupied" and session is None:
@@ -97,4 +101,4 @@ def sensor_change(txn: Txn, cmd: SensorChange) -> dict[str, Any]:
     elif cmd.state == "offline":
         txn.alert("sensor.offline", "warning", {"slot": slot_id, "sensor": cmd.sensor}, "sensor went silent")
     refresh(txn, slot_id, f"sensor.{cmd.state}", sensor_moved=True)
-    return {"slot": slot_id, "changed": True}
+    return slot_id

@@ -26,7 +26,7 @@ from gateway.domain import (
     RaiseAlert,
     RecordRejections,
     Reply,
-    SensorChange,
+    SensorChanges,
     Unblock,
 )
 from gateway.plates import PlateKey
@@ -85,7 +85,7 @@ HANDLERS: dict[type[Command], Handler] = {
     Exit: exits.exit_,
     Block: slots.block,
     Unblock: slots.unblock,
-    SensorChange: slots.sensor_change,
+    SensorChanges: slots.sensor_changes,
     RecordRejections: _record_rejections,
     Housekeeping: _housekeeping,
     RaiseAlert: _raise_alert,
