@@ -192,12 +192,6 @@ class MqttLink:
         tls = None
         if opts.tls_ca or opts.tls_cert or opts.tls_key:
             tls = aiomqtt.TLSParameters(ca_certs=opts.tls_ca, certfile=opts.tls_cert, keyfile=opts.tls_key)
-        connect_props = None
-        if opts.protocol == 5:
-            # MQTT 5 brokers honour the client's Receive Maximum (paho's default is 65535): with manual PUBACKs
-            # below, this is the bound on unacknowledged messages the broker pushes at us.
-            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            connect_props.ReceiveMaximum = _WINDOW
         client = aiomqtt.Client(
             opts.host,
             opts.port,
@@ -211,13 +205,9 @@ class MqttLink:
             max_inflight_messages=_WINDOW,
             max_queued_outgoing_messages=2 * _WINDOW,
             socket_options=(_NODELAY,),
-            properties=connect_props,
         )
         # aiomqtt warns on every call beyond 10 pending; the window above is the real bound.
         client.pending_calls_threshold = 2 * _WINDOW + len(opts.subscriptions)
-        # PUBACK only once the message is handled: the broker's in-flight window then bounds what piles up
-        # in this process (backpressure) instead of an unbounded queue, and nothing is acknowledged unseen.
-        client._client.manual_ack_set(True)
         return client
 
     async def _connect(self, client: aiomqtt.Client) -> None:
@@ -321,8 +311,6 @@ class MqttLink:
             except Exception:
                 # One bad message must not cost the connection or the messages behind it.
                 self._log.exception("mqtt.on_message_failed", topic=incoming.topic)
-            if message.qos > 0:
-                client._client.ack(message.mid, message.qos)
             handled += 1
             if handled % _YIELD_EVERY == 0:
                 # A queue that is never empty never suspends `async for`: let the writer and timers run.
