@@ -383,4 +383,3 @@ class MqttLink:
             back.append(item)
         self._inflight.clear()
         self._queue.extendleft(reversed(back))
-

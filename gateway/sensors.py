@@ -69,6 +69,8 @@ class SensorTracker:
         self._debounce = debounce
         self._sensors: dict[str, _Sensor] = {}
         self._deadlines: list[tuple[float, str, int]] = []
+        # States that held for `debounce` and were then replaced before due() ran (a busy loop): still owed.
+        self._ready: list[tuple[float, Transition]] = []
 
     def seed(self, sensor_id: str, occupied: bool | None) -> None:
         """Set the committed state from the store, so only real changes are emitted."""
@@ -96,6 +98,9 @@ class SensorTracker:
             sensor.last_ts = None  # the old device clock means nothing after a reset
         if obs.occupied == sensor.pending:
             return verdict  # a heartbeat of the state already being debounced
+        if sensor.pending is not None and sensor.pending_since + self._debounce <= now:
+            # The pending state has held long enough; that due() has not run yet must not turn it into a flap.
+            self._promote(obs.sensor_id, sensor)
         if obs.occupied == sensor.emitted:
             self._clear_pending(sensor)  # back to the committed state: the change was a flap
             return verdict
@@ -105,9 +110,18 @@ class SensorTracker:
         heapq.heappush(self._deadlines, (now + self._debounce, obs.sensor_id, sensor.generation))
         return verdict
 
+    def _promote(self, sensor_id: str, sensor: _Sensor) -> None:
+        assert sensor.pending is not None
+        self._ready.append(
+            (sensor.pending_since + self._debounce, Transition(sensor_id, sensor.pending, sensor.pending_since))
+        )
+        sensor.emitted = sensor.pending
+        self._clear_pending(sensor)
+
     def due(self, now: float) -> list[Transition]:
         """Pending states that have held for `debounce`, oldest deadline first; each is emitted once."""
-        transitions: list[Transition] = []
+        transitions = [t for _, t in self._ready]
+        self._ready.clear()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, sensor_id, generation = heapq.heappop(self._deadlines)
             sensor = self._sensors[sensor_id]
@@ -119,13 +133,14 @@ class SensorTracker:
         return transitions
 
     def next_deadline(self) -> float | None:
+        ready = min((deadline for deadline, _ in self._ready), default=None)
         while self._deadlines:
             deadline, sensor_id, generation = self._deadlines[0]
             sensor = self._sensors[sensor_id]
             if generation == sensor.generation and sensor.pending is not None:
-                return deadline
+                return deadline if ready is None else min(ready, deadline)
             heapq.heappop(self._deadlines)
-        return None
+        return ready
 
     def _order(self, sensor: _Sensor, obs: SensorObservation) -> Verdict:
         if obs.seq is not None and sensor.last_seq is not None:

@@ -88,7 +88,8 @@ def test_arrival_order_without_seq_or_ts() -> None:
     assert tracker.observe(obs(True), 0) is Verdict.ACCEPTED
     assert tracker.observe(obs(True), 0) is Verdict.ACCEPTED
     assert tracker.observe(obs(False), 1) is Verdict.ACCEPTED
-    assert tracker.due(1) == [Transition("s1", False, 1)]
+    # True held (debounce 0) before False replaced it: both are owed, in order, even though due() ran late.
+    assert tracker.due(1) == [Transition("s1", True, 0), Transition("s1", False, 1)]
 
 
 def test_sensors_are_independent() -> None:
@@ -232,13 +233,17 @@ def test_emitted_transitions_alternate_and_held_for_debounce(
             log = accepted[transition.sensor_id]
             assert transition.occupied != last_emitted[transition.sensor_id]
             last_emitted[transition.sensor_id] = transition.occupied
-            # `at` opens the trailing run of accepted messages in this state, and the run has lasted.
-            assert log and log[-1][1] == transition.occupied
-            start = len(log) - 1
-            while start > 0 and log[start - 1][1] == transition.occupied:
-                start -= 1
-            assert transition.at == log[start][0]
-            assert transition.at + debounce <= now  # the form the tracker computes; float-exact
+            # `at` opens a run of accepted messages in this state (the latest such run), and the run lasted
+            # `debounce`: until the next message in another state, or until now when it is still going on.
+            starts = [
+                i
+                for i, (t, state) in enumerate(log)
+                if state == transition.occupied and (i == 0 or log[i - 1][1] != state) and t == transition.at
+            ]
+            assert starts, (transition, log)
+            start = starts[-1]
+            end = next((t for t, state in log[start:] if state != transition.occupied), now)
+            assert transition.at + debounce <= end  # the form the tracker computes; float-exact
 
     for step in script:
         now += step.advance
@@ -257,3 +262,15 @@ def test_emitted_transitions_alternate_and_held_for_debounce(
     for sensor, log in accepted.items():
         if log:
             assert last_emitted[sensor] == log[-1][1]
+
+
+def test_a_state_that_held_is_owed_even_when_due_runs_late() -> None:
+    # A busy event loop may call due() long after a deadline: what held for `debounce` still counts,
+    # what did not is still a flap.
+    tracker = SensorTracker(debounce=5)
+    tracker.observe(obs(True), 0)
+    tracker.observe(obs(False), 6)  # True held 6 s before this
+    tracker.observe(obs(True), 8)  # False held 2 s: a flap
+    assert tracker.next_deadline() == 5
+    assert tracker.due(8) == [Transition("s1", True, 0)]
+    assert tracker.due(100) == []
