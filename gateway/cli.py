@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
 
     from simulators.cli import add_arguments
 
+    passwd = sub.add_parser(
+        "passwd", help="add or change an account in the embedded broker's users_file (like mosquitto_passwd)"
+    )
+    passwd.add_argument("file", type=Path, help="the users_file; created (mode 0600) if missing")
+    passwd.add_argument("user")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    passwd.add_argument("--delete", action="store_true", help="remove the account instead")
+
     simulate = sub.add_parser("simulate", help="simulated sensors and cameras against a broker")
     add_arguments(simulate)
     return p
@@ -136,7 +144,29 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return asyncio.run(run_from_args(args))
 
 
+def _cmd_passwd(args: argparse.Namespace) -> int:
+    from gateway.users import UsersFileError, set_password
+
+    password = None
+    if not args.delete:
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            import getpass
+
+            password = getpass.getpass(f"password for {args.user}: ")
+            if getpass.getpass("again: ") != password:
+                raise UsageError("the passwords differ")
+    try:
+        set_password(args.file, args.user, password)
+    except UsersFileError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{args.file}: {'removed' if args.delete else 'set'} {args.user}")
+    return 0
+
+
 COMMANDS = {
+    "passwd": _cmd_passwd,
     "run": _cmd_run,
     "demo": _cmd_demo,
     "simulate": _cmd_simulate,

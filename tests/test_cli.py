@@ -141,3 +141,26 @@ def test_state_directory_env_wins(tmp_path: Path, env_var: str) -> None:
     env = {**os.environ, env_var: str(other)}
     res = cli("check-config", str(config), env=env)
     assert res.returncode == 0
+
+
+def test_passwd_writes_a_users_file_the_broker_accepts(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    for user, pw in (("gateway", "gw-secret"), ("A-001", "s1"), ("A-001", "s1-new")):
+        res = subprocess.run(
+            [sys.executable, "-m", "gateway", "passwd", str(users), user, "--password-stdin"],
+            input=pw + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600
+    lines = users.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["gateway", "A-001"]
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    assert Argon2Hasher().verify("s1-new", lines[1].split(":", 1)[1])
+    gone = cli("passwd", str(users), "A-001", "--delete")
+    assert gone.returncode == 0 and len(users.read_text().splitlines()) == 1
+    bad = cli("passwd", str(users), "bad:name", "--delete")
+    assert bad.returncode == 2 and "user name" in bad.stderr
