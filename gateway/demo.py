@@ -29,10 +29,10 @@ from gateway.broker import BrokerStartError
 from gateway.config import GatewayConfig, bundled_demo_path, load_config
 from gateway.view import LiveView
 from simulators import make_client
-from simulators.cameras import CameraFormat, PlateCamera
-from simulators.cli import Site, load_site
+from simulators.cameras import PlateCamera
+from simulators.cli import Site, load_site, site_traffic
 from simulators.sensors import SensorFleet, SimSensor
-from simulators.traffic import TrafficOptions, TrafficScenario
+from simulators.traffic import TrafficScenario
 
 __all__ = ["DemoOptions", "choose_port", "run_demo"]
 
@@ -235,17 +235,13 @@ class _Demo:
             duplicate_rate=SENSOR_DUPLICATE_RATE,
             flap_rate=SENSOR_FLAP_RATE,
         )
-        for i, camera in enumerate((*site.entry_cameras, *site.exit_cameras)):
-            fmt: CameraFormat = "platerecognizer" if i % 2 else "json"
-            self.cameras[camera] = PlateCamera(
-                client, camera, fmt=fmt, rng=random.Random(rng.getrandbits(64)), misread_rate=CAMERA_MISREAD_RATE
-            )
-        options = TrafficOptions(
-            lot=site.lot,
-            entry_cameras=site.entry_cameras,
-            exit_cameras=site.exit_cameras,
-            sensor_ids_by_slot=site.sensor_by_slot,
-            gate_by_camera=site.gate_by_camera,
+        self.scenario = site_traffic(
+            client,
+            site,
+            self.fleet,
+            rng,
+            camera_format="mixed",
+            misread_rate=CAMERA_MISREAD_RATE,
             arrivals_per_min=ARRIVALS_PER_MIN,
             dwell_s=DWELL_S,
             wrong_slot_share=WRONG_SLOT_SHARE,
@@ -253,7 +249,7 @@ class _Demo:
             gateway_id=self.config.gateway.id,
             seed=rng.getrandbits(32),
         )
-        self.scenario = TrafficScenario(client, self.fleet, self.cameras, options)
+        self.cameras = self.scenario.cameras
         return self.scenario
 
     def _summary(self, ran_s: float) -> None:

@@ -175,23 +175,46 @@ async def _simulate(args: argparse.Namespace, site: Site, client: aiomqtt.Client
     return stats
 
 
-def _traffic(
-    args: argparse.Namespace, site: Site, client: aiomqtt.Client, fleet: SensorFleet, rng: random.Random
+def site_traffic(
+    client: aiomqtt.Client,
+    site: Site,
+    fleet: SensorFleet,
+    rng: random.Random,
+    *,
+    camera_format: str = "mixed",
+    misread_rate: float = 0.0,
+    **options: Any,
 ) -> TrafficScenario:
+    """A traffic scenario over a site's cameras; `options` are TrafficOptions fields beyond the site's own."""
     cameras: dict[str, PlateCamera] = {}
     for i, cam in enumerate((*site.entry_cameras, *site.exit_cameras)):
         fmt: CameraFormat = "json"
-        if args.camera_format == "platerecognizer" or (args.camera_format == "mixed" and i % 2):
+        if camera_format == "platerecognizer" or (camera_format == "mixed" and i % 2):
             fmt = "platerecognizer"
         cameras[cam] = PlateCamera(
-            client, cam, fmt=fmt, rng=random.Random(rng.getrandbits(64)), misread_rate=args.misread_rate
+            client, cam, fmt=fmt, rng=random.Random(rng.getrandbits(64)), misread_rate=misread_rate
         )
-    options = TrafficOptions(
+    traffic = TrafficOptions(
         lot=site.lot,
         entry_cameras=site.entry_cameras,
         exit_cameras=site.exit_cameras,
         sensor_ids_by_slot=site.sensor_by_slot,
         gate_by_camera=site.gate_by_camera,
+        **options,
+    )
+    return TrafficScenario(client, fleet, cameras, traffic)
+
+
+def _traffic(
+    args: argparse.Namespace, site: Site, client: aiomqtt.Client, fleet: SensorFleet, rng: random.Random
+) -> TrafficScenario:
+    return site_traffic(
+        client,
+        site,
+        fleet,
+        rng,
+        camera_format=args.camera_format,
+        misread_rate=args.misread_rate,
         arrivals_per_min=args.arrivals_per_min,
         dwell_s=(float(args.dwell[0]), float(args.dwell[1])),
         park_delay_s=(float(args.park_delay[0]), float(args.park_delay[1])),
@@ -200,7 +223,6 @@ def _traffic(
         seed=args.seed,
         rate_curve=rush_hours if args.rush_hours else None,
     )
-    return TrafficScenario(client, fleet, cameras, options)
 
 
 async def run_from_args(args: argparse.Namespace) -> int:
