@@ -42,10 +42,10 @@ def parse_platerecognizer(camera_id: str, payload: bytes, *, now: float) -> list
     results = field(data, "results", required=True)
     if not isinstance(results, list):
         raise Rejected("wrong_type", "field 'data.results' must be an array")
-    return [_read(camera_id, frame, ts, as_object(r, "data.results[]")) for r in results]
+    return [_read(camera_id, frame, i, ts, as_object(r, "data.results[]")) for i, r in enumerate(results)]
 
 
-def _read(camera_id: str, frame: str, ts: float, result: dict[str, object]) -> PlateRead:
+def _read(camera_id: str, frame: str, index: int, ts: float, result: dict[str, object]) -> PlateRead:
     plate = normalise_plate(field(result, "plate", required=True), "results[].plate")
     score = field(result, "score", required=False)
     raw_candidates = field(result, "candidates", required=False)
@@ -59,7 +59,9 @@ def _read(camera_id: str, frame: str, ts: float, result: dict[str, object]) -> P
             entry_score = field(entry, "score", required=False)
             if entry_score is not None:
                 as_confidence(entry_score, "results[].candidates[].score")
-    digest = hashlib.sha256(f"{camera_id}|{frame}|{plate}".encode("utf-8", "surrogatepass"))
+    # The frame and the result's place in it identify a detection; the plate text does not: a webhook re-sent
+    # with a different reading of the same car must be the same event.
+    digest = hashlib.sha256(f"{camera_id}|{frame}|{index}".encode("utf-8", "surrogatepass"))
     return PlateRead(
         camera_id=camera_id,
         event_id=digest.hexdigest()[:24],

@@ -23,7 +23,7 @@ from drivers.tts import parse_tts_uplink
 from gateway.config import GateConfig, GatewayConfig
 from gateway.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange, SensorChanges
 from gateway.mqtt import Incoming
-from gateway.plates import PlateError, normalise
+from gateway.plates import PlateError, confusion_key, normalise
 from gateway.sensors import SensorTracker, Verdict
 from gateway.topics import match
 from gateway.writer import Writer
@@ -134,7 +134,8 @@ class Ingress:
         self.accepted["camera"] += 1
         keys = {
             "idempotency_key": f"cam:{read.camera_id}:{read.event_id}",
-            "reread_key": f"rr:{gate.id}:{plate}",
+            # Confusable characters merged: a re-read that misreads B as 8 is still the same car at the same gate.
+            "reread_key": f"rr:{gate.id}:{confusion_key(plate)}",
         }
         cmd: Command
         if gate.direction == "entry":

@@ -335,7 +335,7 @@ def stream_webhook(camera_id: str = "cam-in1", **data: Any) -> dict[str, Any]:
 
 def test_platerecognizer_read() -> None:
     reads = parse_platerecognizer("cam-in1", dumps(stream_webhook()), now=NOW)
-    expected_id = hashlib.sha256(b"cam-in1|cam-in1_screenshots/26-11-25/10-00-00.123456.jpg|AB123CD").hexdigest()[:24]
+    expected_id = hashlib.sha256(b"cam-in1|cam-in1_screenshots/26-11-25/10-00-00.123456.jpg|0").hexdigest()[:24]
     assert reads[0].ts == pytest.approx(TEN + 0.123456)
     assert reads == [PlateRead("cam-in1", expected_id, "AB123CD", 0.902, reads[0].ts, ("AB123CD", "A8123CD"))]
 
@@ -355,7 +355,7 @@ def test_platerecognizer_without_filename_hashes_the_timestamp() -> None:
     del body["data"]["filename"]
     del body["data"]["camera_id"]  # optional: the topic names the camera
     [read] = parse_platerecognizer("cam-in1", dumps(body), now=NOW)
-    assert read.event_id == hashlib.sha256(b"cam-in1|2026-11-25T10:00:00.123456Z|AB123CD").hexdigest()[:24]
+    assert read.event_id == hashlib.sha256(b"cam-in1|2026-11-25T10:00:00.123456Z|0").hexdigest()[:24]
 
 
 def test_platerecognizer_keeps_ten_best_candidates() -> None:
@@ -505,3 +505,14 @@ def test_near_valid_structures_end_in_value_or_rejected(inner: dict[str, object]
 )
 def test_hand_picked_inputs_end_in_value_or_rejected(payload: bytes) -> None:
     check_total(payload)
+
+
+def test_platerecognizer_resent_frame_keeps_its_event_id_whatever_the_reading() -> None:
+    def hook(plate: str) -> bytes:
+        doc = {"data": {"camera_id": "cam-in1", "timestamp": "2026-11-25T10:00:00Z", "filename": "f.jpg",
+                        "results": [{"plate": plate, "score": 0.9}]}}  # fmt: skip
+        return json.dumps(doc).encode()
+
+    (first,) = parse_platerecognizer("cam-in1", hook("ab123cd"), now=NOW)
+    (misread,) = parse_platerecognizer("cam-in1", hook("a8123cd"), now=NOW)
+    assert first.plate != misread.plate and first.event_id == misread.event_id

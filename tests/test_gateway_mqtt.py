@@ -174,3 +174,17 @@ async def test_availability_is_coalesced_and_ends_on_the_true_state(
         # at most one per 500 ms (+1 for the leading edge)
         assert len(updates) <= elapsed / 0.5 + 1
         assert len(obs.events("slot.status")) > len(updates)
+
+
+async def test_a_misread_reread_at_the_same_gate_is_the_same_car(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = site_config(tmp_path / "state", port=mosquitto.port, embedded=False)
+    async with running(cfg), observer(mosquitto.port) as obs:
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        await obs.pub("cameras/cam-in1/reads", {"event_id": "r1", "plate": "AB123CD"})
+        await obs.wait_for(lambda: obs.events("session.started"))
+        # The next frame of the same car, read with 8 for B: within reread_window it gets the first decision.
+        await obs.pub("cameras/cam-in1/reads", {"event_id": "r2", "plate": "A8123CD"})
+        await obs.pub("cameras/cam-in1/reads", {"event_id": "r3", "plate": "XY999ZZ"})  # another car
+        await obs.wait_for(lambda: len(obs.events("session.started")) == 2)
+        await asyncio.sleep(0.3)
+        assert len(obs.events("session.started")) == 2
