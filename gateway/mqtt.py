@@ -234,6 +234,12 @@ class MqttLink:
         if misc is not None and not misc.done():
             misc.cancel()
             await asyncio.wait([misc])
+        # The link has logged why the connection ended; mark aiomqtt's futures as seen, or asyncio reports
+        # "Future exception was never retrieved" when they are collected.
+        for name in ("_connected", "_disconnected"):
+            fut = getattr(client, name, None)
+            if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
+                fut.exception()
 
     def _mark_down(self) -> None:
         self.connected = False
