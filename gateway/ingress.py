@@ -26,7 +26,7 @@ from gateway.mqtt import Incoming
 from gateway.plates import PlateError, confusion_key, normalise
 from gateway.sensors import SensorTracker, Verdict
 from gateway.topics import match
-from gateway.writer import Writer
+from gateway.writer import Writer, WriterClosed
 
 log = structlog.get_logger("gateway.ingress")
 
@@ -189,6 +189,8 @@ class Ingress:
             reply = await self._writer.submit(cmd)
             if isinstance(cmd, Enter | Exit):
                 self.decisions[reply.code or "ok"] += 1
+        except WriterClosed:
+            pass  # shutting down: the device repeats its report, the camera its read
         finally:
             self._in_flight.release()
 
