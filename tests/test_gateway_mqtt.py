@@ -188,3 +188,23 @@ async def test_a_misread_reread_at_the_same_gate_is_the_same_car(tmp_path: Path,
         await obs.wait_for(lambda: len(obs.events("session.started")) == 2)
         await asyncio.sleep(0.3)
         assert len(obs.events("session.started")) == 2
+
+
+async def test_heartbeats_touch_memory_not_the_disk(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = site_config(tmp_path / "state", port=mosquitto.port, embedded=False)
+    async with running(cfg) as gw, observer(mosquitto.port) as obs:
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        await obs.pub("sensors/A-002/state", {"occupied": False, "seq": 1})
+        await obs.wait_for(lambda: obs.events("slot.status"))
+        await asyncio.sleep(0.4)  # past the debounce: the transition none -> vacant is committed
+        commits = gw.writer.commits
+        db = tmp_path / "state" / "gateway.db"
+        wal = db.with_name("gateway.db-wal")
+        size = wal.stat().st_size
+        for seq in range(2, 52):
+            await obs.pub("sensors/A-002/state", {"occupied": False, "seq": seq})
+        await obs.wait_for(lambda: gw.ingress.verdicts["accepted"] >= 51)
+        await asyncio.sleep(0.4)
+        assert gw.writer.commits == commits
+        assert wal.stat().st_size == size
+        assert gw.ingress.tracker.last_seen("A-002") is not None  # the heartbeats were seen, in memory
