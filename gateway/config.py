@@ -132,8 +132,8 @@ class BrokerConfig(_Model):
     users_file: str | None = Field(
         None,
         min_length=1,
-        description="Embedded broker only: `user:hash` lines, Argon2 hashes (`gateway.broker.hash_password`); "
-        "required unless `allow_anonymous`.",
+        description="Embedded broker only: `user:hash` lines with Argon2 hashes, written by "
+        "`parking-gateway passwd FILE USER`; required unless `allow_anonymous`.",
     )
     mqtt_version: Literal["3.1.1", "5"] = Field(
         "5",
