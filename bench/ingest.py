@@ -138,7 +138,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def site_toml(state_dir: Path, port: int, *, embedded: bool, slots: int) -> str:
+def site_toml(state_dir: Path, port: int, *, embedded: bool, slots: int, mqtt_version: str = "5") -> str:
     width = len(str(slots))
     return f"""
 [gateway]
@@ -148,7 +148,7 @@ state_dir = "{state_dir}"
 embedded = {str(embedded).lower()}
 host = "127.0.0.1"
 port = {port}
-{"allow_anonymous = true" if embedded else ""}
+{"allow_anonymous = true" if embedded else f'mqtt_version = "{mqtt_version}"'}
 [timing]
 debounce = {DEBOUNCE}
 [[lots]]
@@ -162,12 +162,14 @@ id = "{LOT}"
 class Daemon:
     """`python -m gateway run` in its own process; its log goes to a file in the work directory."""
 
-    def __init__(self, workdir: Path, port: int, *, embedded: bool, slots: int, profile: Path | None) -> None:
+    def __init__(
+        self, workdir: Path, port: int, *, embedded: bool, slots: int, profile: Path | None, mqtt_version: str = "5"
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.db = db_path(workdir / "state")
         config = workdir / "gateway.toml"
-        config.write_text(site_toml(workdir / "state", port, embedded=embedded, slots=slots))
+        config.write_text(site_toml(workdir / "state", port, embedded=embedded, slots=slots, mqtt_version=mqtt_version))
         self.log_path = workdir / "gateway.log"
         self._log: IO[bytes] = self.log_path.open("wb")
         prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
@@ -490,6 +492,7 @@ class Options:
     outstanding: int
     timeout: float
     profile: Path | None
+    mqtt_version: str = "5"
 
 
 async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
@@ -504,7 +507,14 @@ async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
     raw_311 = await measure_raw(broker, plan.messages, opts.timeout, protocol=3)
     _progress(f"raw, MQTT 3.1.1 subscriber: {raw_311.msgs_s:,.0f} msgs/s")
 
-    daemon = Daemon(root / "external", broker.port, embedded=False, slots=opts.slots, profile=opts.profile)
+    daemon = Daemon(
+        root / "external",
+        broker.port,
+        embedded=False,
+        slots=opts.slots,
+        profile=opts.profile,
+        mqtt_version=opts.mqtt_version,
+    )
     try:
         await daemon.wait_online()
         out["rss_idle_external_kib"] = daemon.memory()["VmRSS"]
@@ -608,6 +618,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--outstanding", type=int, default=16, help="requests in flight in the concurrent run (16)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one measurement (120)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 10,000 messages, 200 pairs")
+    ap.add_argument(
+        "--mqtt-version",
+        choices=["5", "3.1.1"],
+        default="5",
+        help="what the daemon speaks to Mosquitto ([broker] mqtt_version; default 5)",
+    )
     ap.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON ('-': stdout)")
     ap.add_argument("--profile", metavar="PATH", type=Path, help="run the Mosquitto daemon under cProfile, stats here")
     ap.add_argument("--raw-subscriber", nargs=3, type=int, metavar=("PORT", "COUNT", "PROTO"), help=argparse.SUPPRESS)
@@ -627,6 +643,7 @@ def main(argv: list[str] | None = None) -> None:
         args.outstanding,
         args.timeout,
         args.profile.resolve() if args.profile else None,
+        args.mqtt_version,
     )
 
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `finally` below runs, children included
