@@ -24,25 +24,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"parking-gateway {__version__}")
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `--debug` also after the command; SUPPRESS keeps a top-level `--debug` from being reset by the default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="debug logging and tracebacks")
 
-    run = sub.add_parser("run", help="run the daemon")
+    run = sub.add_parser("run", parents=[common], help="run the daemon")
     run.add_argument(
         "--config",
         type=Path,
         help="config file (default: $PARKING_GATEWAY_CONFIG, /etc/parking-gateway/gateway.toml, else the bundled demo)",
     )
 
-    check = sub.add_parser("check-config", help="validate a config file")
+    check = sub.add_parser("check-config", parents=[common], help="validate a config file")
     check.add_argument("path", type=Path)
 
-    status = sub.add_parser("status", help="availability, sensors and outbox from the store")
+    status = sub.add_parser("status", parents=[common], help="availability, sensors and outbox from the store")
     status.add_argument("--config", type=Path)
     status.add_argument("--json", action="store_true")
 
-    audit = sub.add_parser("audit", help="check the store's invariants (read-only)")
+    audit = sub.add_parser("audit", parents=[common], help="check the store's invariants (read-only)")
     audit.add_argument("--config", type=Path)
 
-    demo = sub.add_parser("demo", help="the demo site: embedded broker, gateway and simulated devices, live")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="the demo site: embedded broker, gateway and simulated devices, live"
+    )
     demo.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     demo.add_argument("--port", type=int, metavar="N", help="broker port (default 1883 if free, else a free port)")
     demo.add_argument("--seed", type=int, default=1, metavar="N", help="simulation seed (default 1)")
@@ -53,14 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     from simulators.cli import add_arguments
 
     passwd = sub.add_parser(
-        "passwd", help="add or change an account in the embedded broker's users_file (like mosquitto_passwd)"
+        "passwd",
+        parents=[common],
+        help="add or change an account in the embedded broker's users_file (like mosquitto_passwd)",
     )
     passwd.add_argument("file", type=Path, help="the users_file; created (mode 0600) if missing")
     passwd.add_argument("user")
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     passwd.add_argument("--delete", action="store_true", help="remove the account instead")
 
-    simulate = sub.add_parser("simulate", help="simulated sensors and cameras against a broker")
+    simulate = sub.add_parser("simulate", parents=[common], help="simulated sensors and cameras against a broker")
     add_arguments(simulate)
     return p
 
