@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
+from gateway.acl import AclError
+from gateway.broker import BrokerStartError
 from gateway.config import ConfigError, GatewayConfig, default_config_path, load_config
 from gateway.store import StoreError, connect, db_path
 
@@ -203,9 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.errors:
             print(f"config error: {line}", file=sys.stderr)
         return 2
-    except (UsageError, StoreError) as exc:
+    except (UsageError, StoreError, BrokerStartError, AclError) as exc:
+        # Known failures carry a message written for the operator: print it as it is.
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+        return 2 if isinstance(exc, UsageError | AclError) else 1
     except KeyboardInterrupt:
         return 0
     except Exception as exc:
