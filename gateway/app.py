@@ -72,7 +72,7 @@ class Gateway:
         self.config = config
         state = config.state_path()
         state.mkdir(parents=True, exist_ok=True)
-        self.key = PlateKey.load_or_create(state / config.privacy.plate_key_file)
+        self.key = PlateKey.load_or_create(config.plate_key_path())
         self.db = db_path(state)
         self.writer = Writer(self.db, config, self.key)
         self.topics = Topics(f"{config.gateway.topic_root}/{config.gateway.id}")
