@@ -181,6 +181,7 @@ class Gateway:
                     "connected": self.link.connected if self.link else False,
                     "reconnects": self.link.reconnects if self.link else 0,
                     "dropped": self.link.dropped if self.link else 0,
+                    "queued": self.link.queue_depth if self.link else 0,
                 },
             },
         )
