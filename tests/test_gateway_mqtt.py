@@ -118,6 +118,8 @@ async def test_requests_reply_and_are_idempotent(site: Any) -> None:
         assert "vehicle" in bad["error"]["message"]
         full = await obs.request("enter", {"vehicle": "Q1", "lot": "nope"})
         assert full["error"]["code"] == "unknown_lot"
+        health = await obs.wait_for(lambda: obs.state(f"{R}/health"))
+        assert {"ts", "uptime_s", "version", "queue_depth", "outbox_backlog", "db_bytes", "devices"} <= set(health)
         later = await obs.request("reserve", {"reservation_id": "r1"})
         assert later["error"]["code"] == "invalid_request"
         blocked = await obs.request("block", {"slot": "A-001", "reason": "paint"})
