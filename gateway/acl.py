@@ -20,8 +20,11 @@ nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gateway.topics import device_level
 
 
 class AclError(Exception):
@@ -66,23 +69,24 @@ def parse_acl(text: str, users: list[str], source: str = "acl") -> Acl:
     return acl
 
 
-def device_topic(topic_filter: str, user: str, *, last: bool) -> str:
-    """The filter with the device's `+` (the first, or the last for TTS) replaced by the user name."""
+def device_topic(topic_filter: str, kind: str, user: str) -> str:
+    """The ingress filter with the device's `+` replaced by the user name."""
     levels = topic_filter.split("/")
     plus = [i for i, level in enumerate(levels) if level == "+"]
     if plus:
-        levels[plus[-1] if last else plus[0]] = user
+        levels[plus[device_level(kind)]] = user
     return "/".join(levels)
 
 
-def default_acl(gateway_user: str | None, users: list[str], ingress: dict[str, list[str]]) -> Acl:
+def default_acl(gateway_user: str | None, users: list[str], ingress: Iterable[tuple[str, list[str]]]) -> Acl:
     acl = Acl()
+    ingress = list(ingress)
     for user in users:
         if user == gateway_user:
             continue
-        for kind, filters in ingress.items():
+        for kind, filters in ingress:
             for f in filters:
-                acl.grant(user, "write", device_topic(f, user, last=kind == "tts"))
+                acl.grant(user, "write", device_topic(f, kind, user))
         acl.subscribe.setdefault(user, [])
     if gateway_user is not None:
         acl.grant(gateway_user, "readwrite", "#")

@@ -43,12 +43,7 @@ def broker_options(config: GatewayConfig) -> BrokerOptions:
     if b.acl_file is not None:
         acl = load_acl(Path(b.acl_file), users)
     else:
-        ing = config.ingress
-        acl = default_acl(
-            b.username,
-            users,
-            {"sensors": ing.sensors, "tts": ing.tts, "cameras": ing.cameras, "platerecognizer": ing.platerecognizer},
-        )
+        acl = default_acl(b.username, users, config.ingress.by_kind())
     return BrokerOptions(
         host=b.host,
         port=b.port,

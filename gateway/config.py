@@ -209,8 +209,12 @@ def _filter_problem(topic_filter: str) -> str | None:
     return None
 
 
+IngressKind = Literal["sensors", "tts", "cameras", "platerecognizer"]
+
+
 class IngressConfig(_Model):
-    """Device topics on the local broker (MQTT filters); the device id is the level matched by the first `+`."""
+    """Device topics on the local broker (MQTT filters); the device id is the level matched by the first `+`
+    (for `tts`, the last: its first `+` is the application)."""
 
     sensors: list[str] = Field(["sensors/+/state"], description="JSON occupancy sensors.")
     tts: list[str] = Field(["v3/+/devices/+/up"], description="LoRaWAN sensors via The Things Stack v3 uplinks.")
@@ -228,6 +232,14 @@ class IngressConfig(_Model):
         if problems:
             raise _Problems(problems)
         return value
+
+    def by_kind(self) -> tuple[tuple[IngressKind, list[str]], ...]:
+        return (
+            ("sensors", self.sensors),
+            ("tts", self.tts),
+            ("cameras", self.cameras),
+            ("platerecognizer", self.platerecognizer),
+        )
 
 
 class TimingConfig(_Model):

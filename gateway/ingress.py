@@ -11,7 +11,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 
@@ -20,17 +19,16 @@ from drivers.json_sensor import parse_json_sensor
 from drivers.observations import PlateRead, Rejected, SensorObservation
 from drivers.platerecognizer import parse_platerecognizer
 from drivers.tts import parse_tts_uplink
-from gateway.config import GateConfig, GatewayConfig
+from gateway.config import GateConfig, GatewayConfig, IngressKind
 from gateway.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange, SensorChanges
 from gateway.mqtt import Incoming
 from gateway.plates import PlateError, confusion_key, normalise
 from gateway.sensors import SensorTracker, Verdict
-from gateway.topics import match
+from gateway.topics import device_level, match
 from gateway.writer import Writer, WriterClosed
 
 log = structlog.get_logger("gateway.ingress")
 
-Kind = Literal["sensors", "tts", "cameras", "platerecognizer"]
 UNKNOWN_ALERT_EVERY = 3600.0
 LOG_EVERY = 60.0
 DETAIL_MAX = 200
@@ -42,7 +40,7 @@ SENSOR_BATCH = 128  # debounced transitions per writer command: one task, one fu
 @dataclass(frozen=True, slots=True)
 class Route:
     topic_filter: str
-    kind: Kind
+    kind: IngressKind
 
 
 class Ingress:
@@ -51,14 +49,7 @@ class Ingress:
     def __init__(self, config: GatewayConfig, writer: Writer, *, clock: Callable[[], float] = time.time) -> None:
         self._writer = writer
         self._clock = clock
-        ing = config.ingress
-        by_kind: tuple[tuple[Kind, list[str]], ...] = (
-            ("sensors", ing.sensors),
-            ("tts", ing.tts),
-            ("cameras", ing.cameras),
-            ("platerecognizer", ing.platerecognizer),
-        )
-        self.routes = [Route(f, kind) for kind, filters in by_kind for f in filters]
+        self.routes = [Route(f, kind) for kind, filters in config.ingress.by_kind() for f in filters]
         self.sensors = {spec.sensor for spec in config.slot_specs()}
         self.gates: dict[str, GateConfig] = {g.camera: g for g in config.gates if g.camera is not None}
         self.tracker = SensorTracker(debounce=config.timing.debounce)
@@ -89,27 +80,23 @@ class Ingress:
             levels = match(route.topic_filter, msg.topic)
             if levels is None or not levels:
                 continue
+            device = levels[device_level(route.kind)]
             try:
-                self._dispatch(route.kind, levels, msg.payload, now)
+                self._dispatch(route.kind, device, msg.payload, now)
             except Rejected as exc:
-                self._reject(route.kind, self._device(route.kind, levels), exc.reason, exc.detail, now)
+                self._reject(route.kind, device, exc.reason, exc.detail, now)
             await self._submit_pending()
             return
 
-    @staticmethod
-    def _device(kind: Kind, levels: list[str]) -> str:
-        # TTS puts the application first (v3/<app>/devices/<device>/up): the device is the last `+`.
-        return levels[-1] if kind == "tts" else levels[0]
-
-    def _dispatch(self, kind: Kind, levels: list[str], payload: bytes, now: float) -> None:
+    def _dispatch(self, kind: IngressKind, device: str, payload: bytes, now: float) -> None:
         if kind == "sensors":
-            self._sensor(parse_json_sensor(levels[0], payload, now=now), now)
+            self._sensor(parse_json_sensor(device, payload, now=now), now)
         elif kind == "tts":
-            self._sensor(parse_tts_uplink(self._device(kind, levels), payload, now=now), now)
+            self._sensor(parse_tts_uplink(device, payload, now=now), now)
         elif kind == "cameras":
-            self._plate(parse_json_camera(levels[0], payload, now=now), now)
+            self._plate(parse_json_camera(device, payload, now=now), now)
         else:
-            for read in parse_platerecognizer(levels[0], payload, now=now):
+            for read in parse_platerecognizer(device, payload, now=now):
                 self._plate(read, now)
 
     def _sensor(self, obs: SensorObservation, now: float) -> None:

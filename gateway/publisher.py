@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,6 +58,11 @@ class Publisher:
                 "session": row["session"],
             }
         self.lots = sorted({s["lot"] for s in self.slots.values()})
+        # Slots per (zone, type, status) for each lot, kept in step with `slots`: an availability document
+        # costs the number of zones and types, not the number of slots.
+        self._counts: dict[str, Counter[tuple[str, str, str]]] = {lot: Counter() for lot in self.lots}
+        for slot in self.slots.values():
+            self._counts[slot["lot"]][(slot["zone"], slot["type"], slot["status"])] += 1
         self._dirty: set[str] = set()
         self._wakeup = asyncio.Event()
         self.events_published = 0
@@ -80,10 +86,14 @@ class Publisher:
                 continue
             kind = event["type"]
             if kind == "slot.status":
-                slot["status"] = event["status"]
+                if event["status"] != slot["status"]:
+                    counts = self._counts[slot["lot"]]
+                    counts[(slot["zone"], slot["type"], slot["status"])] -= 1
+                    counts[(slot["zone"], slot["type"], event["status"])] += 1
+                    slot["status"] = event["status"]
+                    slot["since"] = event["ts"]  # as in the store: since the status, not the sensor, changed
+                    self._dirty.add(slot["lot"])
                 slot["sensor"] = event["sensor"]
-                slot["since"] = event["ts"]
-                self._dirty.add(slot["lot"])
             elif kind == "session.started":
                 slot["session"] = event["session_id"]
             elif kind == "session.ended" and slot["session"] == event["session_id"]:
@@ -97,12 +107,8 @@ class Publisher:
             self._wakeup.set()
 
     def _publish_availability(self, lot: str) -> None:
-        rows: dict[tuple[str, str, str], int] = {}
-        for s in self.slots.values():
-            if s["lot"] == lot:
-                key = (s["zone"], s["type"], s["status"])
-                rows[key] = rows.get(key, 0) + 1
-        doc = fold(lot, ((z, t, st, n) for (z, t, st), n in rows.items()), self._clock())
+        rows = ((z, t, st, n) for (z, t, st), n in self._counts[lot].items() if n)
+        doc = fold(lot, rows, self._clock())
         self._link.publish(self._topics.availability(lot), _dumps(doc), qos=1, retain=True)
 
     async def run(self) -> None:

@@ -37,6 +37,12 @@ class Topics:
         return f"{self.root}/response/{verb}"
 
 
+def device_level(kind: str) -> int:
+    """Which `+` of an ingress filter matches the device id: the first, but the last for The Things Stack,
+    whose topics put the application first (v3/<app>/devices/<device>/up)."""
+    return -1 if kind == "tts" else 0
+
+
 def match(topic_filter: str, topic: str) -> list[str] | None:
     """The levels matched by `+` (and the rest for `#`) when `topic` matches `topic_filter`, else None."""
     f_levels = topic_filter.split("/")

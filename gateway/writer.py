@@ -223,7 +223,8 @@ class Writer:
         seq_before, events_before = txn.next_seq, len(txn.events)
         conn.execute("SAVEPOINT cmd")
         try:
-            reply = self._replay(txn, cmd)
+            keys = self._keys(cmd)
+            reply = self._replay(txn, keys)
             if reply is None:
                 try:
                     reply = Reply(True, HANDLERS[type(cmd)](txn, cmd))
@@ -231,7 +232,7 @@ class Writer:
                     if not exc.keep_effects:
                         self._undo(txn, seq_before, events_before)
                     reply = Reply.error(exc.code, exc.message)
-                self._remember(txn, cmd, reply)
+                self._remember(txn, keys, reply)
             conn.execute("RELEASE cmd")
             return reply
         except sqlite3.IntegrityError as exc:
@@ -254,15 +255,19 @@ class Writer:
         txn.next_seq = seq_before
         del txn.events[events_before:]
 
-    def _replay(self, txn: Txn, cmd: Command) -> Reply | None:
-        """The stored reply for a repeated transaction, camera event, or re-read within the window."""
-        s = self._settings
+    def _keys(self, cmd: Command) -> list[tuple[str, float]]:
+        """The command's idempotency keys with how long each is honoured."""
         keys: list[tuple[str, float]] = []
         if cmd.idempotency_key is not None:
-            keys.append((cmd.idempotency_key, s.idempotency_ttl))
+            keys.append((cmd.idempotency_key, self._settings.idempotency_ttl))
         reread = getattr(cmd, "reread_key", None)
         if reread is not None:
-            keys.append((reread, s.reread_window))
+            keys.append((reread, self._settings.reread_window))
+        return keys
+
+    @staticmethod
+    def _replay(txn: Txn, keys: list[tuple[str, float]]) -> Reply | None:
+        """The stored reply for a repeated transaction, camera event, or re-read within the window."""
         for key, ttl in keys:
             row = txn.conn.execute("SELECT reply, created_at FROM idempotency WHERE key = ?", (key,)).fetchone()
             if row is not None and row[1] >= txn.now - ttl:
@@ -270,12 +275,11 @@ class Writer:
         return None
 
     @staticmethod
-    def _remember(txn: Txn, cmd: Command, reply: Reply) -> None:
-        keys = [k for k in (cmd.idempotency_key, getattr(cmd, "reread_key", None)) if k is not None]
+    def _remember(txn: Txn, keys: list[tuple[str, float]], reply: Reply) -> None:
         if not keys:
             return
         body = json.dumps(reply.to_json(), separators=(",", ":"))
-        for key in keys:
+        for key, _ in keys:
             txn.conn.execute(
                 "INSERT INTO idempotency (key, reply, created_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET reply = excluded.reply, created_at = excluded.created_at",
