@@ -29,15 +29,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import allocation
-from gateway.config import GatewayConfig, TariffConfig, parse_config
-from gateway.domain import Enter, Exit
-from gateway.plates import PlateKey
-from gateway.slots import alloc_rank, derive_status
-from gateway.store import Synchronous, connect, db_path, migrate, sync_config
-from gateway.tariffs import fee
-from gateway.txn import iso_ms
-from gateway.writer import Writer
+from gateway.config import GatewayConfig, parse_config
+from gateway.core import allocation
+from gateway.core.clock import iso_ms
+from gateway.core.domain import Enter, Exit
+from gateway.core.plates import PlateKey
+from gateway.core.pricing import fee
+from gateway.core.settings import Tariff
+from gateway.core.slots import alloc_rank, derive_status
+from gateway.store.schema import Synchronous, connect, db_path, migrate
+from gateway.store.settings import tariff_from_config
+from gateway.store.sync import sync_config
+from gateway.store.writer import Writer
 
 KEY = PlateKey(b"k" * 32)
 LOT = "lot1"
@@ -136,7 +139,7 @@ async def writer_segment(w: Writer, clients: int, first: int, per_client: int) -
 class RawStore:
     """Straight-line sqlite3 doing what the writer does for an enter and an exit at a gate, nothing else."""
 
-    def __init__(self, conn: sqlite3.Connection, gateway_id: str, tariff: TariffConfig | None) -> None:
+    def __init__(self, conn: sqlite3.Connection, gateway_id: str, tariff: Tariff | None) -> None:
         self.conn = conn
         self.gateway_id = gateway_id
         self.tariff = tariff
@@ -251,7 +254,7 @@ def open_raw(cfg: GatewayConfig, sync: Synchronous) -> RawStore:
     conn.row_factory = None
     migrate(conn)
     sync_config(conn, {lot.id: lot.name for lot in cfg.lots}, cfg.slot_specs())
-    return RawStore(conn, cfg.gateway.id, next((t for t in cfg.tariffs if t.lot == LOT), None))
+    return RawStore(conn, cfg.gateway.id, next((tariff_from_config(t) for t in cfg.tariffs if t.lot == LOT), None))
 
 
 def raw_commands(clients: int, first: int, per_client: int) -> Iterator[tuple[bool, str]]:

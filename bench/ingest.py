@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import aiomqtt
 
-from gateway.store import connect, db_path
+from gateway.store.schema import connect, db_path
 from simulators import rfc3339
 
 GATEWAY_ID = "gw1"

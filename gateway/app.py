@@ -16,19 +16,19 @@ from typing import Any
 
 import structlog
 
-from gateway.acl import default_acl, load_acl
-from gateway.broker import BrokerOptions, EmbeddedBroker, usernames
 from gateway.config import GatewayConfig
-from gateway.domain import Housekeeping
-from gateway.ingress import Ingress
-from gateway.mqtt import Incoming, LinkOptions, MqttLink
-from gateway.plates import PlateKey
-from gateway.publisher import Publisher, health_document
-from gateway.reads import ReadStore
-from gateway.requests import Requests
-from gateway.store import db_path
-from gateway.topics import Topics, match
-from gateway.writer import Writer
+from gateway.core.domain import Housekeeping
+from gateway.core.plates import PlateKey
+from gateway.mqtt.acl import default_acl, load_acl
+from gateway.mqtt.broker import BrokerOptions, EmbeddedBroker, usernames
+from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
+from gateway.mqtt.topics import Topics, match
+from gateway.services.ingress import Ingress
+from gateway.services.publisher import Publisher, health_document
+from gateway.services.requests import Requests
+from gateway.store.reads import ReadStore
+from gateway.store.schema import db_path
+from gateway.store.writer import Writer
 
 log = structlog.get_logger("gateway")
 

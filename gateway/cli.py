@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
-from gateway.acl import AclError
-from gateway.broker import BrokerStartError
 from gateway.config import ConfigError, GatewayConfig, default_config_path, load_config
-from gateway.store import StoreError, connect, db_path
+from gateway.mqtt.acl import AclError
+from gateway.mqtt.broker import BrokerStartError
+from gateway.store.schema import StoreError, connect, db_path
 
 
 class UsageError(Exception):
@@ -97,7 +97,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from gateway.status import render_text, status_document
+    from gateway.store.status import render_text, status_document
 
     conn = _read_conn(_config(args.config))
     try:
@@ -109,7 +109,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from gateway.audit import audit
+    from gateway.store.audit import audit
 
     conn = _read_conn(_config(args.config))
     try:
@@ -136,7 +136,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     import structlog
 
-    from gateway.demo import DemoOptions, run_demo
+    from gateway.demo.run import DemoOptions, run_demo
 
     if not 1 <= (args.port or 1) <= 65535:
         raise UsageError(f"--port must be 1..65535, not {args.port}")
@@ -154,7 +154,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_passwd(args: argparse.Namespace) -> int:
-    from gateway.users import UsersFileError, set_password
+    from gateway.mqtt.users import UsersFileError, set_password
 
     password = None
     if not args.delete:

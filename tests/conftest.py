@@ -90,7 +90,7 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
 # --- the bundled amqtt broker, in the test's own event loop (imports here leave the block above as it was)
 from collections.abc import AsyncIterator  # noqa: E402
 
-from gateway.broker import BrokerOptions, EmbeddedBroker  # noqa: E402
+from gateway.mqtt.broker import BrokerOptions, EmbeddedBroker  # noqa: E402
 
 
 class AmqttBroker:

@@ -6,9 +6,9 @@ import sqlite3
 from pathlib import Path
 
 from gateway.config import GatewayConfig, parse_config
-from gateway.plates import PlateKey
-from gateway.store import connect, db_path
-from gateway.writer import Writer
+from gateway.core.plates import PlateKey
+from gateway.store.schema import connect, db_path
+from gateway.store.writer import Writer
 
 
 def lot_config(

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.audit import audit
 from gateway.config import GatewayConfig
-from gateway.ingress import Ingress
-from gateway.mqtt import Incoming
+from gateway.mqtt.link import Incoming
+from gateway.services.ingress import Ingress
+from gateway.store.audit import audit
 from tests.conftest import MosquittoProcess, free_port
 from tests.harness import Observer, R, observer, running, site_config
 from tests.helpers import new_writer, reader

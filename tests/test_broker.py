@@ -12,7 +12,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway.broker import BrokerOptions, BrokerStartError, EmbeddedBroker, hash_password, make_acl
+from gateway.mqtt.broker import BrokerOptions, BrokerStartError, EmbeddedBroker, hash_password, make_acl
 
 ROOT = "parking/gw1"
 DEADLINE = 5.0

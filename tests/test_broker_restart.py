@@ -10,8 +10,8 @@ from pathlib import Path
 import aiomqtt
 
 from gateway.app import Gateway
-from gateway.audit import audit
-from gateway.availability import availability
+from gateway.store.audit import audit
+from gateway.store.availability import availability
 from tests.conftest import MosquittoProcess, free_port
 from tests.harness import R, observer, running, site_config
 from tests.helpers import reader

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.domain import Enter
+from gateway.core.domain import Enter
 from tests.helpers import lot_config, new_writer
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from gateway import config as config_module
+import gateway.config.loading as config_loading
 from gateway.config import (
     ConfigError,
     GatewayConfig,
@@ -20,6 +21,7 @@ from gateway.config import (
     load_config,
     parse_config,
 )
+from gateway.config import model as config_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,11 +57,16 @@ def errors_of(text: str) -> list[str]:
 
 
 def all_model_keys() -> set[str]:
-    models = [
-        obj
-        for obj in vars(config_module).values()
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == config_module.__name__
-    ]
+    models: set[type[BaseModel]] = set()
+    todo: list[type[BaseModel]] = [config_model.GatewayConfig]
+    while todo:  # every table reachable from the top level
+        model = todo.pop()
+        models.add(model)
+        for field in model.model_fields.values():
+            for arg in (field.annotation, *typing.get_args(field.annotation)):
+                for inner in (arg, *typing.get_args(arg)):
+                    if isinstance(inner, type) and issubclass(inner, BaseModel) and inner not in models:
+                        todo.append(inner)
     return {field.alias or name for model in models for name, field in model.model_fields.items()}
 
 
@@ -454,7 +461,7 @@ def test_default_state_dir_is_relative(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_default_config_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     system = tmp_path / "gateway.toml"
-    monkeypatch.setattr(config_module, "SYSTEM_CONFIG_PATH", system)
+    monkeypatch.setattr(config_loading, "SYSTEM_CONFIG_PATH", system)
     monkeypatch.delenv("PARKING_GATEWAY_CONFIG", raising=False)
     assert default_config_path() == bundled_demo_path()
     system.write_text(MINIMAL)

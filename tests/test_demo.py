@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import BrokerStartError
-from gateway.demo import choose_port
-from gateway.view import CLEAR_HOME, LiveView
+from gateway.demo.run import choose_port
+from gateway.demo.view import CLEAR_HOME, LiveView
+from gateway.mqtt.broker import BrokerStartError
 from simulators import make_client
 from tests.conftest import MosquittoProcess, free_port
 

@@ -15,8 +15,8 @@ import aiomqtt
 import pytest
 
 from gateway.app import Gateway
-from gateway.broker import hash_password
 from gateway.config import GatewayConfig
+from gateway.mqtt.broker import hash_password
 from tests.conftest import free_port
 from tests.harness import Observer, R, observer, running, site_config
 

@@ -13,7 +13,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.mqtt import Incoming, LinkOptions, MqttLink
+from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
 
 STATUS = "parking/gw1/status"
 DEADLINE = 5.0

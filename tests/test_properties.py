@@ -12,10 +12,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from gateway.audit import audit
-from gateway.availability import availability
-from gateway.domain import Block, Command, Enter, Exit, Reply, Unblock
-from gateway.writer import Committed
+from gateway.core.domain import Block, Command, Enter, Exit, Reply, Unblock
+from gateway.store.audit import audit
+from gateway.store.availability import availability
+from gateway.store.writer import Committed
 from tests.helpers import lot_config, new_writer, reader
 
 VEHICLES = [f"CAR{i:02d}" for i in range(14)]

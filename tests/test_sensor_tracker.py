@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.observations import SensorObservation
-from gateway.sensors import CLOCK_RESET_S, SensorTracker, Transition, Verdict
+from gateway.core.sensors import CLOCK_RESET_S, SensorTracker, Transition, Verdict
 
 
 def obs(occupied: bool, *, seq: int | None = None, ts: float | None = None, sensor: str = "s1") -> SensorObservation:

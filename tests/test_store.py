@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import MIGRATIONS, StoreError, connect, migrate
+from gateway.store.schema import MIGRATIONS, StoreError, connect, migrate
 
 
 def test_migrate_is_idempotent_and_versioned(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from gateway.audit import audit
-from gateway.availability import availability
-from gateway.domain import Block, Enter, Exit, Unblock
-from gateway.writer import Committed, Writer
+from gateway.core.domain import Block, Enter, Exit, Unblock
+from gateway.store.audit import audit
+from gateway.store.availability import availability
+from gateway.store.writer import Committed, Writer
 from tests.helpers import lot_config, new_writer, reader
 
 
@@ -185,7 +185,7 @@ async def test_shutdown_answers_queued_commands(tmp_path: Path) -> None:
 
 
 async def test_slot_removal_with_active_session_is_refused(tmp_path: Path) -> None:
-    from gateway.store import StoreError
+    from gateway.store.schema import StoreError
 
     cfg = lot_config(tmp_path, slots=3)
     w = new_writer(cfg)
@@ -217,7 +217,7 @@ async def test_slot_removal_with_active_session_is_refused(tmp_path: Path) -> No
 
 
 async def test_housekeeping_expires_keys_erases_plates_and_trims_local_outbox(tmp_path: Path) -> None:
-    from gateway.domain import Housekeeping
+    from gateway.core.domain import Housekeeping
 
     now = [1_000_000.0]
     cfg = lot_config(tmp_path, slots=3)

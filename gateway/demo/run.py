@@ -25,9 +25,9 @@ from typing import TextIO
 import aiomqtt
 
 from gateway.app import Gateway
-from gateway.broker import BrokerStartError
 from gateway.config import GatewayConfig, bundled_demo_path, load_config
-from gateway.view import LiveView
+from gateway.demo.view import LiveView
+from gateway.mqtt.broker import BrokerStartError
 from simulators import make_client
 from simulators.cameras import PlateCamera
 from simulators.cli import Site, load_site, site_traffic

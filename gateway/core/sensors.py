@@ -26,8 +26,21 @@ from __future__ import annotations
 import enum
 import heapq
 from dataclasses import dataclass
+from typing import Protocol
 
-from drivers.observations import SensorObservation
+
+class Report(Protocol):
+    """What the tracker needs of a sensor message (the drivers' `SensorObservation` is one)."""
+
+    @property
+    def sensor_id(self) -> str: ...
+    @property
+    def occupied(self) -> bool: ...
+    @property
+    def ts(self) -> float | None: ...
+    @property
+    def seq(self) -> int | None: ...
+
 
 REBOOT_LOW_SEQ = 3
 CLOCK_RESET_S = 600.0
@@ -84,7 +97,7 @@ class SensorTracker:
         sensor = self._sensors.get(sensor_id)
         return None if sensor is None else sensor.last_seen
 
-    def observe(self, obs: SensorObservation, now: float) -> Verdict:
+    def observe(self, obs: Report, now: float) -> Verdict:
         sensor = self._sensors.setdefault(obs.sensor_id, _Sensor())
         verdict = self._order(sensor, obs)
         if verdict in (Verdict.DUPLICATE, Verdict.OUT_OF_ORDER):
@@ -142,7 +155,7 @@ class SensorTracker:
             heapq.heappop(self._deadlines)
         return ready
 
-    def _order(self, sensor: _Sensor, obs: SensorObservation) -> Verdict:
+    def _order(self, sensor: _Sensor, obs: Report) -> Verdict:
         if obs.seq is not None and sensor.last_seq is not None:
             last = sensor.last_seq
             if obs.seq == last:

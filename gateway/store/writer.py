@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
-from gateway import allocation, exits, slots
 from gateway.config import GatewayConfig
-from gateway.domain import (
+from gateway.core import allocation, exits, slots, upkeep
+from gateway.core.domain import (
     Block,
     Command,
     CommandError,
@@ -29,15 +29,15 @@ from gateway.domain import (
     SensorChanges,
     Unblock,
 )
-from gateway.plates import PlateKey
-from gateway.store import Synchronous, connect, migrate, sync_config
-from gateway.txn import Settings, Txn
+from gateway.core.plates import PlateKey
+from gateway.core.txn import Txn
+from gateway.store.schema import Synchronous, connect, migrate
+from gateway.store.settings import settings_from_config
+from gateway.store.sync import sync_config
 
 log = structlog.get_logger("gateway.writer")
 
 Handler = Callable[[Txn, Any], dict[str, Any]]
-
-LOCAL_EVENTS_KEPT_S = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,43 +52,15 @@ class WriterClosed(Exception):
     pass
 
 
-def _record_rejections(txn: Txn, cmd: RecordRejections) -> dict[str, Any]:
-    txn.conn.executemany("INSERT INTO rejections (at, source, reason, detail) VALUES (?, ?, ?, ?)", cmd.items)
-    return {}
-
-
-def _raise_alert(txn: Txn, cmd: RaiseAlert) -> dict[str, Any]:
-    txn.alert(cmd.code, cmd.severity, cmd.subject, cmd.message)
-    return {}
-
-
-def _housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
-    s = txn.settings
-    gone = txn.conn.execute(
-        "DELETE FROM idempotency WHERE created_at < ?", (txn.now - max(s.idempotency_ttl, s.reread_window),)
-    ).rowcount
-    txn.conn.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?", (s.rejections_kept,))
-    erased = txn.conn.execute(
-        "UPDATE sessions SET plate = NULL WHERE state != 'active' AND ended_at < ? AND plate IS NOT NULL",
-        (txn.now - s.retention_s,),
-    ).rowcount
-    trimmed = 0
-    if not s.has_upstream:
-        # Nobody forwards and deletes: keep a week of events for `status` and late subscribers, drop the oldest.
-        # Deleting a prefix keeps the remaining seq range contiguous.
-        trimmed = txn.conn.execute("DELETE FROM outbox WHERE created_at < ?", (txn.now - LOCAL_EVENTS_KEPT_S,)).rowcount
-    return {"idempotency_expired": gone, "plates_erased": erased, "outbox_trimmed": trimmed}
-
-
 HANDLERS: dict[type[Command], Handler] = {
     Enter: allocation.enter,
     Exit: exits.exit_,
     Block: slots.block,
     Unblock: slots.unblock,
     SensorChanges: slots.sensor_changes,
-    RecordRejections: _record_rejections,
-    Housekeeping: _housekeeping,
-    RaiseAlert: _raise_alert,
+    RecordRejections: upkeep.record_rejections,
+    Housekeeping: upkeep.housekeeping,
+    RaiseAlert: upkeep.raise_alert,
 }
 
 
@@ -106,7 +78,7 @@ class Writer:
     ) -> None:
         self._path = db_path
         self._config = config
-        self._settings = Settings.from_config(config)
+        self._settings = settings_from_config(config)
         self._key = key
         self._sync: Synchronous = synchronous or config.store.synchronous
         self._batch_max = config.store.group_commit_max

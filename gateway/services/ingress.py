@@ -20,12 +20,12 @@ from drivers.observations import PlateRead, Rejected, SensorObservation
 from drivers.platerecognizer import parse_platerecognizer
 from drivers.tts import parse_tts_uplink
 from gateway.config import GateConfig, GatewayConfig, IngressKind
-from gateway.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange, SensorChanges
-from gateway.mqtt import Incoming
-from gateway.plates import PlateError, confusion_key, normalise
-from gateway.sensors import SensorTracker, Verdict
-from gateway.topics import device_level, match
-from gateway.writer import Writer, WriterClosed
+from gateway.core.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange, SensorChanges
+from gateway.core.plates import PlateError, confusion_key, normalise
+from gateway.core.sensors import SensorTracker, Verdict
+from gateway.mqtt.link import Incoming
+from gateway.mqtt.topics import device_level, match
+from gateway.store.writer import Writer, WriterClosed
 
 log = structlog.get_logger("gateway.ingress")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from gateway.availability import availability, lots
+from gateway.store.availability import availability, lots
 
 
 def status_document(conn: sqlite3.Connection) -> dict[str, Any]:

@@ -6,10 +6,10 @@ import sqlite3
 import uuid
 from typing import Any
 
-from gateway import slots
-from gateway.domain import CommandError, Enter
-from gateway.plates import PlateError, normalise
-from gateway.txn import Txn
+from gateway.core import slots
+from gateway.core.domain import CommandError, Enter
+from gateway.core.plates import PlateError, normalise
+from gateway.core.txn import Txn
 
 # One indexed probe per candidate type: (lot, [zone,] type, status) is an index prefix and ORDER BY follows the
 # index, so the cost is O(log slots) whatever the size of the lot.

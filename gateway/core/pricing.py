@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-from gateway.config import TariffConfig
+from gateway.core.settings import Tariff
 
 
-def fee(tariff: TariffConfig | None, duration_s: float) -> int:
+def fee(tariff: Tariff | None, duration_s: float) -> int:
     """Free minutes, then per started hour, capped per started day."""
     if tariff is None or duration_s <= tariff.free_minutes * 60:
         return 0

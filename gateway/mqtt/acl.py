@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.topics import device_level
+from gateway.mqtt.topics import device_level
 
 
 class AclError(Exception):

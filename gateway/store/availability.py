@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.txn import iso_ms
+from gateway.core.clock import iso_ms
 
 STATUSES = ("available", "occupied", "reserved", "blocked")
 

@@ -6,11 +6,11 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from gateway import slots
-from gateway.domain import CommandError, Exit
-from gateway.plates import PlateError, confusion_key, normalise, within_one_edit
-from gateway.tariffs import fee
-from gateway.txn import Txn
+from gateway.core import slots
+from gateway.core.domain import CommandError, Exit
+from gateway.core.plates import PlateError, confusion_key, normalise, within_one_edit
+from gateway.core.pricing import fee
+from gateway.core.txn import Txn
 
 
 def match_plate(active: list[tuple[str, str]], plate: str, candidates: tuple[str, ...]) -> str | None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from gateway.domain import Block, CommandError, SensorChange, SensorChanges, Unblock
-from gateway.txn import Txn, iso_ms
+from gateway.core.clock import iso_ms
+from gateway.core.domain import Block, CommandError, SensorChange, SensorChanges, Unblock
+from gateway.core.txn import Txn
 
 _RANK = {"vacant": 0, "none": 1, "offline": 2, "occupied": 3}
 

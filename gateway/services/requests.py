@@ -8,12 +8,12 @@ import json
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.domain import Block, Command, Enter, Exit, Reply, Unblock
-from gateway.mqtt import Incoming, MqttLink
-from gateway.reads import ReadStore
-from gateway.topics import Topics
-from gateway.txn import iso_ms
-from gateway.writer import Writer, WriterClosed
+from gateway.core.clock import iso_ms
+from gateway.core.domain import Block, Command, Enter, Exit, Reply, Unblock
+from gateway.mqtt.link import Incoming, MqttLink
+from gateway.mqtt.topics import Topics
+from gateway.store.reads import ReadStore
+from gateway.store.writer import Writer, WriterClosed
 
 log = structlog.get_logger("gateway.requests")
 

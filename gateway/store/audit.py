@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from gateway.slots import derive_status
+from gateway.core.slots import derive_status
 
 FENCES = ("sessions_one_per_slot", "sessions_one_per_vehicle")
 

@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway import __version__
-from gateway.availability import fold
-from gateway.mqtt import MqttLink
-from gateway.topics import Topics
-from gateway.txn import iso_ms
-from gateway.writer import Committed
+from gateway.core.clock import iso_ms
+from gateway.mqtt.link import MqttLink
+from gateway.mqtt.topics import Topics
+from gateway.store.availability import fold
+from gateway.store.writer import Committed
 
 AVAILABILITY_EVERY = 0.5
 HEALTH_EVERY = 30.0

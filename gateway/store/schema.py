@@ -1,14 +1,11 @@
-"""The SQLite store: schema, migrations, connection settings and the config sync."""
+"""The SQLite store: schema, migrations and connection settings."""
 
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
-
-from gateway.config import SlotSpec
 
 DB_NAME = "gateway.db"
 
@@ -146,62 +143,3 @@ def _split(script: str) -> Iterable[str]:
             buf = ""
     if buf.strip():
         yield buf
-
-
-def sync_config(
-    conn: sqlite3.Connection, lots: dict[str, str], specs: list[SlotSpec], now: float | None = None
-) -> None:
-    """Make lots, zones and slots match the config; refuse to drop a slot that a session occupies."""
-    now = time.time() if now is None else now
-    wanted = {s.id: s for s in specs}
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        existing = {r["id"]: r for r in conn.execute("SELECT id, lot, zone, type, sensor FROM slots")}
-        gone = [sid for sid in existing if sid not in wanted]
-        moved = [sid for sid, r in existing.items() if sid in wanted and r["lot"] != wanted[sid].lot]
-        busy = _busy_slots(conn, gone + moved)
-        if busy:
-            raise StoreError(
-                "config removes or moves slots that have an active session: "
-                + ", ".join(sorted(busy))
-                + " (end those sessions first)"
-            )
-        for lot_id, name in lots.items():
-            conn.execute(
-                "INSERT INTO lots (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-                (lot_id, name),
-            )
-        conn.executemany("DELETE FROM slots WHERE id = ?", [(sid,) for sid in gone])
-        # Sensor ids are unique; clear the old ones first so a swap of sensors between slots does not collide.
-        conn.executemany(
-            "UPDATE slots SET sensor = '#' || id WHERE id = ?", [(s.id,) for s in specs if s.id in existing]
-        )
-        for s in specs:
-            if s.id in existing:
-                conn.execute(
-                    "UPDATE slots SET lot = ?, zone = ?, type = ?, sensor = ?, offline_after = ?, fill_order = ?"
-                    " WHERE id = ?",
-                    (s.lot, s.zone, s.type, s.sensor, s.offline_after, s.fill_order, s.id),
-                )
-            else:
-                conn.execute(
-                    "INSERT INTO slots (id, lot, zone, type, sensor, offline_after, fill_order, since)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (s.id, s.lot, s.zone, s.type, s.sensor, s.offline_after, s.fill_order, now),
-                )
-        conn.execute("DELETE FROM zones")
-        conn.executemany("INSERT OR IGNORE INTO zones (lot, id) VALUES (?, ?)", {(s.lot, s.zone) for s in specs})
-        conn.execute("DELETE FROM lots WHERE id NOT IN (SELECT DISTINCT lot FROM slots)")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def _busy_slots(conn: sqlite3.Connection, slot_ids: list[str]) -> set[str]:
-    busy: set[str] = set()
-    for sid in slot_ids:
-        row = conn.execute("SELECT 1 FROM sessions WHERE slot = ? AND state = 'active'", (sid,)).fetchone()
-        if row is not None:
-            busy.add(sid)
-    return busy

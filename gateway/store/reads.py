@@ -7,7 +7,7 @@ from typing import Any
 
 import aiosqlite
 
-from gateway import availability
+from gateway.store import availability
 
 
 class ReadStore:

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from gateway.broker import hash_password
+from gateway.mqtt.broker import hash_password
 
 _USER = re.compile(r"^[^:\s#][^:\s]{0,127}$")
 

@@ -1,0 +1,58 @@
+"""`[ingress]`: device topic filters per driver."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from gateway.config.base import Loc, Problems, StrictModel
+
+
+def _filter_problem(topic_filter: str) -> str | None:
+    if not topic_filter:
+        return "empty topic filter"
+    if "\x00" in topic_filter:
+        return "NUL character in topic filter"
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return f"'#' is only allowed as the whole last level: {topic_filter!r}"
+        if "+" in level and level != "+":
+            return f"'+' must be a whole level: {topic_filter!r}"
+    if "+" not in levels:
+        return f"needs a '+' level (it matches the device id): {topic_filter!r}"
+    return None
+
+
+IngressKind = Literal["sensors", "tts", "cameras", "platerecognizer"]
+
+
+class IngressConfig(StrictModel):
+    """Device topics on the local broker (MQTT filters); the device id is the level matched by the first `+`
+    (for `tts`, the last: its first `+` is the application)."""
+
+    sensors: list[str] = Field(["sensors/+/state"], description="JSON occupancy sensors.")
+    tts: list[str] = Field(["v3/+/devices/+/up"], description="LoRaWAN sensors via The Things Stack v3 uplinks.")
+    cameras: list[str] = Field(["cameras/+/reads"], description="JSON plate cameras.")
+    platerecognizer: list[str] = Field(["cameras/+/platerecognizer"], description="Plate Recognizer Stream webhooks.")
+
+    @field_validator("sensors", "tts", "cameras", "platerecognizer")
+    @classmethod
+    def _valid_filters(cls, value: list[str]) -> list[str]:
+        problems: list[tuple[Loc, str]] = []
+        for i, topic_filter in enumerate(value):
+            problem = _filter_problem(topic_filter)
+            if problem is not None:
+                problems.append(((i,), problem))
+        if problems:
+            raise Problems(problems)
+        return value
+
+    def by_kind(self) -> tuple[tuple[IngressKind, list[str]], ...]:
+        return (
+            ("sensors", self.sensors),
+            ("tts", self.tts),
+            ("cameras", self.cameras),
+            ("platerecognizer", self.platerecognizer),
+        )

@@ -1,0 +1,185 @@
+"""The whole configuration file: one field per table, and the cross-checks between tables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from gateway.config.access import AccessConfig
+from gateway.config.base import Loc, Problems, StrictModel, format_loc
+from gateway.config.broker import BrokerConfig
+from gateway.config.gates import GateConfig
+from gateway.config.gateway import GatewaySection
+from gateway.config.ingress import IngressConfig
+from gateway.config.lots import LotConfig, SlotSpec
+from gateway.config.policy import PolicyConfig
+from gateway.config.privacy import PrivacyConfig
+from gateway.config.store import StoreConfig
+from gateway.config.tariffs import TariffConfig
+from gateway.config.timing import TimingConfig
+from gateway.config.upstream import UpstreamConfig
+
+
+def _listing(ids: list[str]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:5])
+    return shown if len(ids) <= 5 else f"{shown} and {len(ids) - 5} more"
+
+
+class GatewayConfig(StrictModel):
+    """The whole configuration file."""
+
+    gateway: GatewaySection = Field(description="This gateway.")
+    # Omitted tables are validated from {} rather than built, so that an invalid default (the default
+    # broker is embedded and closed: it needs a users_file) is reported by path like any other error.
+    broker: BrokerConfig = Field(default_factory=dict, validate_default=True, description="The local broker.")
+    upstream: UpstreamConfig | None = Field(None, description="Upstream sync; absent: none.")
+    ingress: IngressConfig = Field(default_factory=dict, validate_default=True, description="Device topics.")
+    timing: TimingConfig = Field(default_factory=dict, validate_default=True, description="Durations.")
+    policy: PolicyConfig = Field(default_factory=dict, validate_default=True, description="Gate decisions.")
+    access: AccessConfig = Field(default_factory=dict, validate_default=True, description="Access lists.")
+    privacy: PrivacyConfig = Field(default_factory=dict, validate_default=True, description="Privacy.")
+    store: StoreConfig = Field(default_factory=dict, validate_default=True, description="The SQLite store.")
+    lots: list[LotConfig] = Field(min_length=1, description="The lots served.")
+    gates: list[GateConfig] = Field([], description="Entry and exit lanes.")
+    tariffs: list[TariffConfig] = Field([], description="Tariffs, at most one per lot.")
+
+    _slot_specs: tuple[SlotSpec, ...] = PrivateAttr(())
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Self:
+        problems: list[tuple[Loc, str]] = []
+        specs = self._check_lots(problems)
+        self._check_gates(problems)
+        self._check_tariffs(problems)
+        slot_types = {spec.type for spec in specs}
+        for p, permit in enumerate(self.access.permits):
+            for t, type_ in enumerate(permit.types):
+                if type_ not in slot_types:
+                    problems.append((("access", "permits", p, "types", t), f"no slot has type {type_!r}"))
+        if problems:
+            raise Problems(problems)
+        self._slot_specs = tuple(specs)
+        return self
+
+    def _check_lots(self, problems: list[tuple[Loc, str]]) -> list[SlotSpec]:
+        specs: list[SlotSpec] = []
+        lot_places: dict[str, int] = {}
+        slot_places: dict[str, Loc] = {}
+        # sensor id -> (where, set explicitly); two defaulted sensors collide only when slot ids do.
+        sensor_places: dict[str, tuple[Loc, bool]] = {}
+        for li, lot in enumerate(self.lots):
+            if lot.id in lot_places:
+                problems.append((("lots", li, "id"), f"duplicate lot id {lot.id!r} (also lots[{lot_places[lot.id]}])"))
+            lot_places.setdefault(lot.id, li)
+            zone_places: dict[str, int] = {}
+            fill_order = 0
+            for zi, zone in enumerate(lot.zones):
+                if zone.id in zone_places:
+                    problems.append(
+                        (
+                            ("lots", li, "zones", zi, "id"),
+                            f"duplicate zone id {zone.id!r} (also lots[{li}].zones[{zone_places[zone.id]}])",
+                        )
+                    )
+                zone_places.setdefault(zone.id, zi)
+                for gi, group in enumerate(zone.slots):
+                    here: Loc = ("lots", li, "zones", zi, "slots", gi)
+                    clashes: dict[Loc, list[str]] = {}
+                    for slot_id in group.slot_ids:
+                        if slot_id in slot_places:
+                            clashes.setdefault(slot_places[slot_id], []).append(slot_id)
+                        else:
+                            slot_places[slot_id] = here
+                        sensor = group.sensor or slot_id
+                        explicit = group.sensor is not None
+                        sensor_loc = (*here, "sensor" if explicit else "ids")
+                        if sensor in sensor_places:
+                            other, other_explicit = sensor_places[sensor]
+                            if explicit or other_explicit:
+                                problems.append(
+                                    (sensor_loc, f"duplicate sensor id {sensor!r} (also {format_loc(other)})")
+                                )
+                        else:
+                            sensor_places[sensor] = (sensor_loc, explicit)
+                        specs.append(
+                            SlotSpec(slot_id, lot.id, zone.id, group.type, sensor, group.offline_after, fill_order)
+                        )
+                        fill_order += 1
+                    for other, ids in clashes.items():
+                        where = "listed twice in this group" if other == here else f"also {format_loc(other)}"
+                        noun = "id" if len(ids) == 1 else "ids"
+                        problems.append(((*here, "ids"), f"duplicate slot {noun} {_listing(ids)} ({where})"))
+        return specs
+
+    def _check_gates(self, problems: list[tuple[Loc, str]]) -> None:
+        lots = {lot.id for lot in self.lots}
+        gate_places: dict[str, int] = {}
+        camera_places: dict[str, int] = {}
+        serial_places: dict[tuple[str, int], int] = {}
+        for gi, gate in enumerate(self.gates):
+            if gate.id in gate_places:
+                problems.append(
+                    (("gates", gi, "id"), f"duplicate gate id {gate.id!r} (also gates[{gate_places[gate.id]}])")
+                )
+            gate_places.setdefault(gate.id, gi)
+            if gate.lot not in lots:
+                problems.append((("gates", gi, "lot"), f"unknown lot {gate.lot!r}"))
+            if gate.camera is not None:
+                if gate.camera in camera_places:
+                    problems.append(
+                        (
+                            ("gates", gi, "camera"),
+                            f"camera {gate.camera!r} is also used by gates[{camera_places[gate.camera]}]",
+                        )
+                    )
+                camera_places.setdefault(gate.camera, gi)
+            if gate.serial is not None:
+                line = (gate.serial.port, gate.serial.address)
+                if line in serial_places:
+                    problems.append(
+                        (
+                            ("gates", gi, "serial"),
+                            f"port {line[0]!r} address {line[1]} is also used by gates[{serial_places[line]}]",
+                        )
+                    )
+                serial_places.setdefault(line, gi)
+
+    def _check_tariffs(self, problems: list[tuple[Loc, str]]) -> None:
+        lots = {lot.id for lot in self.lots}
+        tariff_places: dict[str, int] = {}
+        for ti, tariff in enumerate(self.tariffs):
+            if tariff.lot not in lots:
+                problems.append((("tariffs", ti, "lot"), f"unknown lot {tariff.lot!r}"))
+            elif tariff.lot in tariff_places:
+                problems.append(
+                    (
+                        ("tariffs", ti, "lot"),
+                        f"second tariff for lot {tariff.lot!r} (first at tariffs[{tariff_places[tariff.lot]}])",
+                    )
+                )
+            tariff_places.setdefault(tariff.lot, ti)
+
+    def slot_specs(self) -> list[SlotSpec]:
+        """Every slot of every lot, in config order."""
+        return list(self._slot_specs)
+
+    def state_path(self) -> Path:
+        """The state directory: `$STATE_DIRECTORY` (its first entry) when set, else `gateway.state_dir`."""
+        from_systemd = os.environ.get("STATE_DIRECTORY", "")
+        if from_systemd:
+            # systemd joins several StateDirectory= entries with ':'; ours is the first.
+            return Path(from_systemd.split(":")[0])
+        return Path(self.gateway.state_dir)
+
+    def plate_key_path(self) -> Path:
+        """The plate HMAC key file; a relative `plate_key_file` is inside the state directory."""
+        return self.state_path() / self.privacy.plate_key_file
+
+    def upstream_topic_root(self) -> str | None:
+        """The topic root used upstream (None without upstream)."""
+        if self.upstream is None:
+            return None
+        return self.upstream.topic_root or self.gateway.topic_root

@@ -1,0 +1,85 @@
+"""Time, injectable: wall time for what is recorded, monotonic time for every timer and deadline.
+
+A Pi without an RTC boots with a wrong wall clock and steps it when NTP syncs; timers that ran on wall time
+would fire early or stall. So timers read `monotonic()` and sleep with `sleep()`, and only records (event
+`ts`, session times) read `wall()`. Tests inject a `ManualClock` and run hours of parking in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from datetime import UTC, datetime
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def wall(self) -> float:
+        """Seconds since the epoch, for records."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never jumps, for timers."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Until `monotonic()` has advanced by `seconds`."""
+        ...
+
+
+class SystemClock:
+    def wall(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+class ManualClock:
+    """A clock moved by hand: `advance` moves both times and wakes due sleepers, `jump` only the wall time."""
+
+    def __init__(self, wall: float = 1_800_000_000.0, monotonic: float = 1_000.0) -> None:
+        self._offset = wall - monotonic
+        self._mono = monotonic
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def wall(self) -> float:
+        return self._mono + self._offset
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def jump(self, seconds: float) -> None:
+        """Step the wall clock (an NTP correction); timers are not affected."""
+        self._offset += seconds
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a monotonic clock does not go back")
+        self._mono += seconds
+        while self._sleepers and self._sleepers[0][0] <= self._mono:
+            _, _, fut = heapq.heappop(self._sleepers)
+            if not fut.done():
+                fut.set_result(None)
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._mono + seconds, next(self._order), fut))
+        await fut
+
+
+def iso_ms(t: float) -> str:
+    """RFC 3339 UTC with milliseconds, as every timestamp of the contract."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

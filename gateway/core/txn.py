@@ -1,0 +1,50 @@
+"""What one group commit sees: the connection, the clock, the settings, and the events it emits."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.core.clock import iso_ms
+from gateway.core.plates import PlateKey
+from gateway.core.settings import Settings
+
+
+@dataclass
+class Txn:
+    """One open BEGIN IMMEDIATE transaction of the writer. Lives in the writer thread only."""
+
+    conn: sqlite3.Connection
+    settings: Settings
+    key: PlateKey
+    now: float
+    next_seq: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """Append an event to the outbox; its seq is the next in this gateway's gapless sequence."""
+        event: dict[str, Any] = {
+            "event_id": str(uuid.uuid4()),
+            "seq": self.next_seq,
+            "ts": iso_ms(self.now),
+            "gateway": self.settings.gateway_id,
+            "type": type_,
+            **fields,
+        }
+        self.conn.execute(
+            "INSERT INTO outbox (seq, event_id, type, created_at, body) VALUES (?, ?, ?, ?, ?)",
+            (self.next_seq, event["event_id"], type_, self.now, json.dumps(event, separators=(",", ":"))),
+        )
+        self.next_seq += 1
+        self.events.append(event)
+        return event
+
+    def alert(self, code: str, severity: str, subject: dict[str, Any], message: str) -> None:
+        self.emit("alert", code=code, severity=severity, subject=subject, message=message)
+
+    def vehicle_ref(self, plate: str, token: str) -> str:
+        """What leaves the gateway for a vehicle: its token unless plates are configured to be published."""
+        return plate if self.settings.publish_plates else token

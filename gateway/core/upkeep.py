@@ -1,0 +1,38 @@
+"""The writer's own chores: the rejection log, alerts from outside the core, and housekeeping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.core.domain import Housekeeping, RaiseAlert, RecordRejections
+from gateway.core.txn import Txn
+
+LOCAL_EVENTS_KEPT_S = 7 * 86400.0
+
+
+def record_rejections(txn: Txn, cmd: RecordRejections) -> dict[str, Any]:
+    txn.conn.executemany("INSERT INTO rejections (at, source, reason, detail) VALUES (?, ?, ?, ?)", cmd.items)
+    return {}
+
+
+def raise_alert(txn: Txn, cmd: RaiseAlert) -> dict[str, Any]:
+    txn.alert(cmd.code, cmd.severity, cmd.subject, cmd.message)
+    return {}
+
+
+def housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
+    s = txn.settings
+    gone = txn.conn.execute(
+        "DELETE FROM idempotency WHERE created_at < ?", (txn.now - max(s.idempotency_ttl, s.reread_window),)
+    ).rowcount
+    txn.conn.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?", (s.rejections_kept,))
+    erased = txn.conn.execute(
+        "UPDATE sessions SET plate = NULL WHERE state != 'active' AND ended_at < ? AND plate IS NOT NULL",
+        (txn.now - s.retention_s,),
+    ).rowcount
+    trimmed = 0
+    if not s.has_upstream:
+        # Nobody forwards and deletes: keep a week of events for `status` and late subscribers, drop the oldest.
+        # Deleting a prefix keeps the remaining seq range contiguous.
+        trimmed = txn.conn.execute("DELETE FROM outbox WHERE created_at < ?", (txn.now - LOCAL_EVENTS_KEPT_S,)).rowcount
+    return {"idempotency_expired": gone, "plates_erased": erased, "outbox_trimmed": trimmed}
