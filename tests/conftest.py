@@ -1,16 +1,99 @@
-"""Shared fixtures: real brokers on free ports, never the machine's own Mosquitto."""
+"""Shared fixtures: real brokers on free ports, never the machine's own Mosquitto; no test leaves anything behind."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+LINGER_GRACE_S = 2.0
+
+
+def _child_processes() -> set[int]:
+    """Live (not zombie) children of this process."""
+    me = str(os.getpid())
+    out: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after the last ')'.
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if ppid == me and state != "Z":
+            out.add(int(entry))
+    return out
+
+
+def _leftovers(threads: set[threading.Thread], children: set[int]) -> list[str]:
+    # asyncio_N: the loop's default executor, joined by no_lingering_tasks and when the loop closes.
+    found = [
+        f"thread {t.name}"
+        for t in threading.enumerate()
+        if t not in threads and t.is_alive() and not t.name.startswith("asyncio_")
+    ]
+    found += [f"child process {pid}" for pid in _child_processes() - children]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def verify_no_lingering(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves threads or child processes behind (aioesphomeapi's verify_no_lingering_tasks).
+
+    Tasks are checked by `no_lingering_tasks` below for every async test.
+    """
+    threads = set(threading.enumerate())
+    children = _child_processes()
+    yield
+    deadline = time.monotonic() + LINGER_GRACE_S
+    while (left := _leftovers(threads, children)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # executor threads and killed children need a moment to go
+    if left:
+        pytest.fail(f"{request.node.nodeid} left behind: {', '.join(left)}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if asyncio.iscoroutinefunction(getattr(item, "obj", None)) and isinstance(item, pytest.Function):
+            item.fixturenames.insert(0, "no_lingering_tasks")  # set up first, checked after every other fixture
+
+
+@pytest.fixture
+async def no_lingering_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fail an async test that leaves tasks running in its event loop (added to every async test)."""
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    deadline = time.monotonic() + LINGER_GRACE_S
+    while True:
+        left = [t for t in asyncio.all_tasks() if t not in before and t is not current and not t.done()]
+        if not left or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.05)
+    problems = sorted(f"task {t.get_name()}" for t in left)
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.wait(left, timeout=LINGER_GRACE_S)
+    try:
+        # A job still running in the default executor (paho connects there) is left behind too.
+        await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), LINGER_GRACE_S)
+    except TimeoutError:
+        problems.append("a job in the loop's default executor")
+    if problems:
+        pytest.fail(f"{request.node.nodeid} left behind: {', '.join(problems)}")
 
 
 @dataclass(frozen=True)
@@ -88,8 +171,6 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
 
 
 # --- the bundled amqtt broker, in the test's own event loop (imports here leave the block above as it was)
-from collections.abc import AsyncIterator  # noqa: E402
-
 from gateway.mqtt.broker import BrokerOptions, EmbeddedBroker  # noqa: E402
 
 

@@ -16,6 +16,7 @@ import aiomqtt
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_config
+from gateway.core.clock import SYSTEM_CLOCK, Clock
 
 R = "parking/gw1"
 
@@ -60,8 +61,8 @@ camera = "cam-out1"
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: GatewayConfig) -> AsyncIterator[Gateway]:
-    gw = Gateway(cfg)
+async def running(cfg: GatewayConfig, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[Gateway]:
+    gw = Gateway(cfg, clock=clock)
     task = asyncio.create_task(gw.run())
     ready = asyncio.create_task(gw.wait_ready())
     done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
@@ -69,7 +70,6 @@ async def running(cfg: GatewayConfig) -> AsyncIterator[Gateway]:
         ready.cancel()
         task.result()  # raises the startup error
     assert ready in done, "gateway did not start"
-    assert gw.link is not None
     await gw.link.wait_connected(10)
     try:
         yield gw

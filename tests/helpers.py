@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
+import jsonschema
+
 from gateway.config import GatewayConfig, parse_config
+from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.plates import PlateKey
 from gateway.store.schema import connect, db_path
 from gateway.store.writer import Writer
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+# The exported files, not the models: integrators validate against what is published.
+EVENTS_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((SCHEMAS / "events.schema.json").read_text()), format_checker=jsonschema.FormatChecker()
+)
 
 
 def lot_config(
@@ -47,11 +57,8 @@ id = "lot1"
     )
 
 
-def new_writer(cfg: GatewayConfig, clock: object = None) -> Writer:
-    key = PlateKey(b"k" * 32)
-    if clock is None:
-        return Writer(db_path(cfg.state_path()), cfg, key)
-    return Writer(db_path(cfg.state_path()), cfg, key, clock=clock)  # type: ignore[arg-type]
+def new_writer(cfg: GatewayConfig, clock: Clock = SYSTEM_CLOCK) -> Writer:
+    return Writer(db_path(cfg.state_path()), cfg, PlateKey(b"k" * 32), clock=clock)
 
 
 def reader(cfg: GatewayConfig) -> sqlite3.Connection:

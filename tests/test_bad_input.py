@@ -23,6 +23,8 @@ from gateway.config import GatewayConfig
 from gateway.mqtt.link import Incoming
 from gateway.services.ingress import Ingress
 from gateway.store.audit import audit
+from gateway.store.reads import ReadStore
+from gateway.store.schema import db_path
 from tests.conftest import MosquittoProcess, free_port
 from tests.harness import Observer, R, observer, running, site_config
 from tests.helpers import new_writer, reader
@@ -520,7 +522,7 @@ def test_ingress_handle_never_raises(tmp_path: Path) -> None:
     writer = new_writer(cfg)
     writer_task = loop.create_task(writer.run())
     loop.run_until_complete(writer.wait_ready())
-    ingress = Ingress(cfg, writer)
+    ingress = Ingress(cfg, writer, ReadStore(db_path(cfg.state_path())))
     try:
 
         @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -549,7 +551,7 @@ def test_ingress_handle_never_raises(tmp_path: Path) -> None:
 async def test_tts_rejection_is_logged_under_its_device(tmp_path: Path) -> None:
     cfg = site_config(tmp_path / "state", port=1, embedded=False)
     writer = new_writer(cfg)
-    ingress = Ingress(cfg, writer)
+    ingress = Ingress(cfg, writer, ReadStore(db_path(cfg.state_path())))
     async with asyncio.TaskGroup() as tg:
         writer_task = tg.create_task(writer.run())
         await writer.wait_ready()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from gateway.core.domain import Block, Command, Enter, Exit, Reply, Unblock
 from gateway.store.audit import audit
 from gateway.store.availability import availability
 from gateway.store.writer import Committed
-from tests.helpers import lot_config, new_writer, reader
+from tests.helpers import EVENTS_SCHEMA, lot_config, new_writer, reader
 
 VEHICLES = [f"CAR{i:02d}" for i in range(14)]
 SLOTS = [f"A-{i:03d}" for i in range(1, 7)] + ["A-900", "A-901"]
@@ -61,9 +62,13 @@ class WriterMachine(RuleBasedStateMachine):
 
     def _on_commit(self, done: Committed) -> None:
         for event in done.events:
-            if event["seq"] != self.seen_seq + 1:
-                self.gaps.append(f"live seq {event['seq']} after {self.seen_seq}")
-            self.seen_seq = event["seq"]
+            if event.seq != self.seen_seq + 1:
+                self.gaps.append(f"live seq {event.seq} after {self.seen_seq}")
+            self.seen_seq = event.seq
+            # What leaves the gateway is what the exported schema promises integrators.
+            body = json.loads(event.body)
+            assert body == event.to_json()
+            EVENTS_SCHEMA.validate(body)
 
     def _submit(self, cmds: list[Command]) -> list[Reply]:
         async def go() -> list[Reply]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.core.clock import ManualClock
 from gateway.core.domain import Block, Enter, Exit, Unblock
 from gateway.store.audit import audit
 from gateway.store.availability import availability
@@ -160,9 +161,9 @@ async def test_listeners_see_events_after_commit(run_writer: Any) -> None:
     seen: list[Committed] = []
     w.add_listener(seen.append)
     await w.submit(Enter(vehicle="AAA111", lot="lot1"))
-    assert seen[0].events[0]["type"] == "session.started"
+    assert seen[0].events[0].type == "session.started"
     # what the listener saw is on disk already
-    assert outbox(w)[0]["event_id"] == seen[0].events[0]["event_id"]
+    assert outbox(w)[0]["event_id"] == seen[0].events[0].event_id
 
 
 async def test_shutdown_answers_queued_commands(tmp_path: Path) -> None:
@@ -219,15 +220,15 @@ async def test_slot_removal_with_active_session_is_refused(tmp_path: Path) -> No
 async def test_housekeeping_expires_keys_erases_plates_and_trims_local_outbox(tmp_path: Path) -> None:
     from gateway.core.domain import Housekeeping
 
-    now = [1_000_000.0]
+    clock = ManualClock(wall=1_000_000.0)
     cfg = lot_config(tmp_path, slots=3)
-    w = new_writer(cfg, clock=lambda: now[0])
+    w = new_writer(cfg, clock=clock)
     task = asyncio.create_task(w.run())
     await w.wait_ready()
     try:
         first = await w.submit(Enter(vehicle="AAA111", lot="lot1", idempotency_key="tx:a"))
         await w.submit(Exit(vehicle="AAA111"))
-        now[0] += 40 * 86400  # past the idempotency TTL, the 30-day retention and the local event week
+        clock.advance(40 * 86400)  # past the idempotency TTL, the 30-day retention and the local event week
         await w.submit(Enter(vehicle="BBB222", lot="lot1"))
         done = await w.submit(Housekeeping())
         assert done.data == {"idempotency_expired": 1, "plates_erased": 1, "outbox_trimmed": 5}

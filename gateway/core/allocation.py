@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.core import slots
 from gateway.core.domain import CommandError, Enter
+from gateway.core.events import DenyReason, EntryDenied, SessionConfirmed, SessionStarted
 from gateway.core.plates import PlateError, normalise
 from gateway.core.txn import Txn
 
@@ -76,18 +77,19 @@ def enter(txn: Txn, cmd: Enter) -> dict[str, Any]:
     token = txn.key.token(plate)
     vehicle = txn.vehicle_ref(plate, token)
 
-    def deny(reason: str, code: Any, message: str) -> CommandError:
-        txn.emit("entry.denied", lot=lot, gate=cmd.gate, vehicle=vehicle, reason=reason)
-        return CommandError(code, message, keep_effects=True)
+    def deny(reason: DenyReason, message: str) -> CommandError:
+        # Each denial reason is also the reply's error code.
+        txn.emit(EntryDenied(lot=lot, gate=cmd.gate, vehicle=vehicle, reason=reason))
+        return CommandError(reason, message, keep_effects=True)
 
     if plate in txn.settings.deny:
-        raise deny("denied", "denied", "vehicle is on the deny list")
+        raise deny("denied", "vehicle is on the deny list")
     existing = txn.conn.execute(
         "SELECT id, slot, zone FROM sessions WHERE lot = ? AND vehicle = ? AND state = 'active'", (lot, token)
     ).fetchone()
     if existing is not None:
         if txn.settings.anti_passback == "hard":
-            raise deny("already_active", "already_active", f"vehicle already has session {existing['id']}")
+            raise deny("already_active", f"vehicle already has session {existing['id']}")
         txn.alert(
             "session.passback",
             "warning",
@@ -98,7 +100,7 @@ def enter(txn: Txn, cmd: Enter) -> dict[str, Any]:
     types = candidate_types(txn, lot, plate, cmd.type)
     picked = pick_slot(txn.conn, lot, cmd.zone, types)
     if picked is None:
-        raise deny("full", "full", "no free slot matches")
+        raise deny("full", "no free slot matches")
     slot_id, zone = picked
     session_id = str(uuid.uuid4())
     gate = txn.settings.gates.get(cmd.gate) if cmd.gate is not None else None
@@ -109,16 +111,11 @@ def enter(txn: Txn, cmd: Enter) -> dict[str, Any]:
         (session_id, lot, zone, slot_id, plate, token, cmd.gate, txn.now, txn.now if confirmed_now else None),
     )
     txn.emit(
-        "session.started",
-        session_id=session_id,
-        lot=lot,
-        zone=zone,
-        slot=slot_id,
-        vehicle=vehicle,
-        gate=cmd.gate,
-        reservation_id=None,
+        SessionStarted(
+            session_id=session_id, lot=lot, zone=zone, slot=slot_id, vehicle=vehicle, gate=cmd.gate, reservation_id=None
+        )
     )
     if confirmed_now:
-        txn.emit("session.confirmed", session_id=session_id, gate=cmd.gate)
+        txn.emit(SessionConfirmed(session_id=session_id, gate=cmd.gate))
     slots.refresh(txn, slot_id, "session.started")
     return {"session_id": session_id, "slot": slot_id, "zone": zone}

@@ -8,6 +8,7 @@ would fire early or stall. So timers read `monotonic()` and sleep with `sleep()`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -28,6 +29,10 @@ class Clock(Protocol):
         """Until `monotonic()` has advanced by `seconds`."""
         ...
 
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        """Until `event` is set or `timeout` seconds have passed on this clock (None: no timeout)."""
+        ...
+
 
 class SystemClock:
     def wall(self) -> float:
@@ -38,6 +43,11 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
 
 
 SYSTEM_CLOCK = SystemClock()
@@ -78,6 +88,18 @@ class ManualClock:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._mono + seconds, next(self._order), fut))
         await fut
+
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        if timeout is None:
+            await event.wait()
+            return
+        waiter = asyncio.ensure_future(event.wait())
+        sleeper = asyncio.ensure_future(self.sleep(timeout))
+        try:
+            await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
 
 
 def iso_ms(t: float) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.core import slots
 from gateway.core.domain import CommandError, Exit
+from gateway.core.events import ExitUnmatched, Fee, SessionEnded
 from gateway.core.plates import PlateError, confusion_key, normalise, within_one_edit
 from gateway.core.pricing import fee
 from gateway.core.txn import Txn
@@ -69,7 +70,7 @@ def _find_session(txn: Txn, cmd: Exit, lot: str | None) -> sqlite3.Row:
     if session_id is None:
         if cmd.gate is not None:
             vehicle = txn.vehicle_ref(plate, txn.key.token(plate))
-            txn.emit("exit.unmatched", gate=cmd.gate, vehicle=vehicle)
+            txn.emit(ExitUnmatched(gate=cmd.gate, vehicle=vehicle))
         raise CommandError("unknown_session", "no unique active session matches this vehicle", keep_effects=True)
     found: sqlite3.Row = txn.conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
     return found
@@ -94,17 +95,19 @@ def exit_(txn: Txn, cmd: Exit) -> dict[str, Any]:
         " fee_currency = ? WHERE id = ?",
         (txn.now, cmd.gate, duration, amount, currency, session["id"]),
     )
-    fee_doc = {"amount": amount, "currency": currency}
+    charged = Fee(amount=amount, currency=currency)
     txn.emit(
-        "session.ended",
-        session_id=session["id"],
-        lot=session["lot"],
-        slot=session["slot"],
-        vehicle=txn.vehicle_ref(session["plate"] or session["vehicle"], session["vehicle"]),
-        gate=cmd.gate,
-        duration_s=duration,
-        fee=fee_doc,
+        SessionEnded(
+            session_id=session["id"],
+            lot=session["lot"],
+            slot=session["slot"],
+            vehicle=txn.vehicle_ref(session["plate"] or session["vehicle"], session["vehicle"]),
+            gate=cmd.gate,
+            duration_s=duration,
+            fee=charged,
+        )
     )
     if session["slot"] is not None:
         slots.refresh(txn, session["slot"], "session.ended")
+    fee_doc = {"amount": amount, "currency": currency}
     return {"session_id": session["id"], "slot": session["slot"], "duration_s": duration, "fee": fee_doc}

@@ -7,12 +7,13 @@ from typing import Any
 
 from gateway.core.clock import iso_ms
 from gateway.core.domain import Block, CommandError, SensorChange, SensorChanges, Unblock
+from gateway.core.events import SlotState, SlotStatus
 from gateway.core.txn import Txn
 
 _RANK = {"vacant": 0, "none": 1, "offline": 2, "occupied": 3}
 
 
-def derive_status(has_session: bool, blocked: bool, sensor_state: str) -> str:
+def derive_status(has_session: bool, blocked: bool, sensor_state: str) -> SlotState:
     """The one rule for a slot's status; the writer stores it and audit recomputes it."""
     if has_session or sensor_state == "occupied":
         return "occupied"
@@ -48,13 +49,9 @@ def refresh(txn: Txn, slot_id: str, reason: str, *, sensor_moved: bool = False) 
         txn.conn.execute("UPDATE slots SET alloc_rank = ? WHERE id = ?", (rank, slot_id))
     if status != row["status"] or sensor_moved:
         txn.emit(
-            "slot.status",
-            slot=slot_id,
-            lot=row["lot"],
-            zone=row["zone"],
-            status=status,
-            sensor=row["sensor_state"],
-            reason=reason,
+            SlotStatus(
+                slot=slot_id, lot=row["lot"], zone=row["zone"], status=status, sensor=row["sensor_state"], reason=reason
+            )
         )
 
 

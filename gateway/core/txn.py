@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.core.clock import iso_ms
+from gateway.core.events import Alert, Envelope, Event, Severity
 from gateway.core.plates import PlateKey
 from gateway.core.settings import Settings
 
@@ -22,28 +23,34 @@ class Txn:
     key: PlateKey
     now: float
     next_seq: int
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Envelope] = field(default_factory=list)
 
-    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, event: Event) -> Envelope:
         """Append an event to the outbox; its seq is the next in this gateway's gapless sequence."""
-        event: dict[str, Any] = {
-            "event_id": str(uuid.uuid4()),
-            "seq": self.next_seq,
-            "ts": iso_ms(self.now),
-            "gateway": self.settings.gateway_id,
-            "type": type_,
-            **fields,
-        }
+        event_id = str(uuid.uuid4())
+        ts = iso_ms(self.now)
+        body = json.dumps(
+            {
+                "event_id": event_id,
+                "seq": self.next_seq,
+                "ts": ts,
+                "gateway": self.settings.gateway_id,
+                "type": event.TYPE,
+                **event.fields(),
+            },
+            separators=(",", ":"),
+        )
         self.conn.execute(
             "INSERT INTO outbox (seq, event_id, type, created_at, body) VALUES (?, ?, ?, ?, ?)",
-            (self.next_seq, event["event_id"], type_, self.now, json.dumps(event, separators=(",", ":"))),
+            (self.next_seq, event_id, event.TYPE, self.now, body),
         )
+        envelope = Envelope(event_id, self.next_seq, ts, self.settings.gateway_id, event, body)
         self.next_seq += 1
-        self.events.append(event)
-        return event
+        self.events.append(envelope)
+        return envelope
 
-    def alert(self, code: str, severity: str, subject: dict[str, Any], message: str) -> None:
-        self.emit("alert", code=code, severity=severity, subject=subject, message=message)
+    def alert(self, code: str, severity: Severity, subject: dict[str, Any], message: str) -> None:
+        self.emit(Alert(code=code, severity=severity, subject=subject, message=message))
 
     def vehicle_ref(self, plate: str, token: str) -> str:
         """What leaves the gateway for a vehicle: its token unless plates are configured to be published."""

@@ -96,6 +96,8 @@ def usernames(users_file: str) -> list[str]:
 class EmbeddedBroker:
     """amqtt bound to one address, with an explicit plugin set (no $SYS, no packet logging)."""
 
+    name = "broker"
+
     def __init__(self, options: BrokerOptions) -> None:
         self.options = options
         self._broker: Any = None
@@ -160,6 +162,12 @@ class EmbeddedBroker:
                 return BrokerStartError(f"broker: port {self.options.port} on {self.options.host} is already in use")
             return BrokerStartError(f"broker: cannot listen on {where}: {cause.strerror or cause}")
         return BrokerStartError(f"broker: cannot start on {where}: {_root_cause(exc)}")
+
+    async def run(self) -> None:
+        """amqtt serves from its own tasks, started by `start`."""
+
+    async def health(self) -> dict[str, Any]:
+        return {"running": self.running}
 
     async def stop(self) -> None:
         """Close the listener and every client session; safe to call twice."""

@@ -14,7 +14,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aiomqtt
 import structlog
@@ -86,7 +86,10 @@ class MqttLink:
         on_message: Callable[[Incoming], Awaitable[None]],
         on_connect: Callable[[], Awaitable[None]] | None = None,
         log: FilteringBoundLogger | None = None,
+        *,
+        name: str = "mqtt",
     ) -> None:
+        self.name = name
         self.options = options
         self._on_message = on_message
         self._on_connect = on_connect
@@ -149,6 +152,20 @@ class MqttLink:
                     self._log.warning("mqtt.queue_full_dropping_oldest", queue_max=self.options.queue_max)
                 self.dropped += 1
                 return
+
+    async def start(self) -> None:
+        """Nothing to prepare: `run` connects, once every service has started."""
+
+    async def stop(self) -> None:
+        """`run`'s cancellation already said `offline` and disconnected."""
+
+    async def health(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "reconnects": self.reconnects,
+            "dropped": self.dropped,
+            "queued": self.queue_depth,
+        }
 
     async def wait_connected(self, timeout: float) -> None:
         """Return once connected, subscribed and announced online; TimeoutError otherwise."""

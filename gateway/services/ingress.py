@@ -7,10 +7,9 @@ Bad input is counted per (source, reason), logged at most once per source per mi
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -20,11 +19,13 @@ from drivers.observations import PlateRead, Rejected, SensorObservation
 from drivers.platerecognizer import parse_platerecognizer
 from drivers.tts import parse_tts_uplink
 from gateway.config import GateConfig, GatewayConfig, IngressKind
+from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange, SensorChanges
 from gateway.core.plates import PlateError, confusion_key, normalise
 from gateway.core.sensors import SensorTracker, Verdict
 from gateway.mqtt.link import Incoming
 from gateway.mqtt.topics import device_level, match
+from gateway.store.reads import ReadStore
 from gateway.store.writer import Writer, WriterClosed
 
 log = structlog.get_logger("gateway.ingress")
@@ -46,8 +47,11 @@ class Route:
 class Ingress:
     """Owns the sensor tracker and the counters; the MQTT link hands it every device message."""
 
-    def __init__(self, config: GatewayConfig, writer: Writer, *, clock: Callable[[], float] = time.time) -> None:
+    name = "ingress"
+
+    def __init__(self, config: GatewayConfig, writer: Writer, reads: ReadStore, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self._writer = writer
+        self._reads = reads
         self._clock = clock
         self.routes = [Route(f, kind) for kind, filters in config.ingress.by_kind() for f in filters]
         self.sensors = {spec.sensor for spec in config.slot_specs()}
@@ -69,50 +73,65 @@ class Ingress:
     def subscriptions(self) -> tuple[tuple[str, int], ...]:
         return tuple((r.topic_filter, 1) for r in self.routes)
 
-    def seed(self, states: dict[str, str]) -> None:
-        """Committed sensor states from the store, so a restart does not re-emit what is known."""
-        for sensor, state in states.items():
-            self.tracker.seed(sensor, {"occupied": True, "vacant": False}.get(state))
+    async def start(self) -> None:
+        """Seed the tracker with the committed sensor states, so a restart does not re-emit what is known."""
+        for row in await self._reads.slots():
+            self.tracker.seed(row["sensor_id"], {"occupied": True, "vacant": False}.get(row["sensor"]))
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def health(self) -> dict[str, Any]:
+        return {
+            "accepted": dict(self.accepted),
+            "rejected": {f"{k}/{r}": n for (k, r), n in sorted(self.rejected.items())},
+            "sensor_messages": dict(self.verdicts),
+            "decisions": dict(self.decisions),
+        }
 
     async def handle(self, msg: Incoming) -> None:
-        now = self._clock()
+        # Wall time judges device timestamps and is what the rejection log records; timers run on monotonic.
+        now = self._clock.wall()
+        mono = self._clock.monotonic()
         for route in self.routes:
             levels = match(route.topic_filter, msg.topic)
             if levels is None or not levels:
                 continue
             device = levels[device_level(route.kind)]
             try:
-                self._dispatch(route.kind, device, msg.payload, now)
+                self._dispatch(route.kind, device, msg.payload, now, mono)
             except Rejected as exc:
-                self._reject(route.kind, device, exc.reason, exc.detail, now)
+                self._reject(route.kind, device, exc.reason, exc.detail, now, mono)
             await self._submit_pending()
             return
 
-    def _dispatch(self, kind: IngressKind, device: str, payload: bytes, now: float) -> None:
+    def _dispatch(self, kind: IngressKind, device: str, payload: bytes, now: float, mono: float) -> None:
         if kind == "sensors":
-            self._sensor(parse_json_sensor(device, payload, now=now), now)
+            self._sensor(parse_json_sensor(device, payload, now=now), mono)
         elif kind == "tts":
-            self._sensor(parse_tts_uplink(device, payload, now=now), now)
+            self._sensor(parse_tts_uplink(device, payload, now=now), mono)
         elif kind == "cameras":
-            self._plate(parse_json_camera(device, payload, now=now), now)
+            self._plate(parse_json_camera(device, payload, now=now), mono)
         else:
             for read in parse_platerecognizer(device, payload, now=now):
-                self._plate(read, now)
+                self._plate(read, mono)
 
-    def _sensor(self, obs: SensorObservation, now: float) -> None:
+    def _sensor(self, obs: SensorObservation, mono: float) -> None:
         if obs.sensor_id not in self.sensors:
-            self._unknown(obs.sensor_id, now)
+            self._unknown(obs.sensor_id, mono)
             raise Rejected("unknown_device", f"sensor {obs.sensor_id!r} is not configured")
-        verdict = self.tracker.observe(obs, now)
+        verdict = self.tracker.observe(obs, mono)
         self.verdicts[verdict.value] += 1
         if verdict in (Verdict.ACCEPTED, Verdict.REBOOT):
             self.accepted[obs.source] += 1
             self._wakeup.set()
 
-    def _plate(self, read: PlateRead, now: float) -> None:
+    def _plate(self, read: PlateRead, mono: float) -> None:
         gate = self.gates.get(read.camera_id)
         if gate is None:
-            self._unknown(read.camera_id, now)
+            self._unknown(read.camera_id, mono)
             raise Rejected("unknown_device", f"camera {read.camera_id!r} is not at a configured gate")
         try:
             plate = normalise(read.plate)
@@ -131,13 +150,13 @@ class Ingress:
             cmd = Exit(vehicle=plate, gate=gate.id, candidates=read.candidates, **keys)
         self._pending.append(cmd)
 
-    def _unknown(self, device: str, now: float) -> None:
+    def _unknown(self, device: str, mono: float) -> None:
         if len(self._unknown_alerted) > MAX_TRACKED_SOURCES:
             self._unknown_alerted.clear()
         last = self._unknown_alerted.get(device)
-        if last is not None and now - last < UNKNOWN_ALERT_EVERY:
+        if last is not None and mono - last < UNKNOWN_ALERT_EVERY:
             return
-        self._unknown_alerted[device] = now
+        self._unknown_alerted[device] = mono
         self._pending.append(
             RaiseAlert(
                 code="device.unknown",
@@ -147,15 +166,15 @@ class Ingress:
             )
         )
 
-    def _reject(self, kind: str, device: str, reason: str, detail: str, now: float) -> None:
+    def _reject(self, kind: str, device: str, reason: str, detail: str, now: float, mono: float) -> None:
         self.rejected[(kind, reason)] += 1
         source = f"{kind}/{device}"[:DETAIL_MAX]
         self._pending_rejections.append((now, source, reason, detail[:DETAIL_MAX]))
         if len(self._last_logged) > MAX_TRACKED_SOURCES:  # topics are attacker-chosen: bound the memory
             self._last_logged.clear()
         last = self._last_logged.get(source)
-        if last is None or now - last >= LOG_EVERY:
-            self._last_logged[source] = now
+        if last is None or mono - last >= LOG_EVERY:
+            self._last_logged[source] = mono
             log.warning("input rejected", source=source, reason=reason, detail=detail[:DETAIL_MAX])
 
     async def _submit_pending(self) -> None:
@@ -186,23 +205,21 @@ class Ingress:
         try:
             await asyncio.gather(self._debounce_loop(), self._flush_loop())
         finally:
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.stop()
 
     async def _debounce_loop(self) -> None:
         while True:
             deadline = self.tracker.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            timeout = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
             self._wakeup.clear()
             if timeout is None or timeout > 0:
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
-                except TimeoutError:
-                    pass
+                await self._clock.wait(self._wakeup, timeout)
+            mono = self._clock.monotonic()
+            # The tracker counts on the monotonic clock; the store records when the state was first seen.
+            to_wall = self._clock.wall() - mono
             due = [
-                SensorChange(sensor=t.sensor_id, state="occupied" if t.occupied else "vacant", at=t.at)
-                for t in self.tracker.due(self._clock())
+                SensorChange(sensor=t.sensor_id, state="occupied" if t.occupied else "vacant", at=t.at + to_wall)
+                for t in self.tracker.due(mono)
             ]
             for i in range(0, len(due), SENSOR_BATCH):
                 self._pending.append(SensorChanges(changes=tuple(due[i : i + SENSOR_BATCH])))
@@ -210,7 +227,7 @@ class Ingress:
 
     async def _flush_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await self._clock.sleep(1.0)
             if self._pending_rejections:
                 items, self._pending_rejections = self._pending_rejections, []
                 await self._writer.submit(RecordRejections(items=tuple(items)))

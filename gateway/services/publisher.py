@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway import __version__
-from gateway.core.clock import iso_ms
+from gateway.core.clock import SYSTEM_CLOCK, Clock, iso_ms
+from gateway.core.events import SessionEnded, SessionStarted, SlotStatus
 from gateway.mqtt.link import MqttLink
 from gateway.mqtt.topics import Topics
 from gateway.store.availability import fold
-from gateway.store.writer import Committed
+from gateway.store.reads import ReadStore
+from gateway.store.writer import Committed, Writer
 
 AVAILABILITY_EVERY = 0.5
 HEALTH_EVERY = 30.0
@@ -30,23 +31,38 @@ def _dumps(doc: Any) -> bytes:
 
 
 class Publisher:
+    """Fed by the writer's commits; publishes to one link (each link re-publishes retained state itself)."""
+
+    name = "publisher"
+
     def __init__(
         self,
         link: MqttLink,
         topics: Topics,
-        slots: list[dict[str, Any]],
+        reads: ReadStore,
+        writer: Writer,
         *,
         health: Callable[[], Awaitable[dict[str, Any]]],
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         availability_every: float = AVAILABILITY_EVERY,
     ) -> None:
         self._link = link
         self._topics = topics
+        self._reads = reads
+        self._writer = writer
         self._clock = clock
         self._health = health
         self._every = availability_every
         self.slots: dict[str, dict[str, Any]] = {}
-        for row in slots:
+        self.lots: list[str] = []
+        self._counts: dict[str, Counter[tuple[str, str, str]]] = {}
+        self._dirty: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self.events_published = 0
+
+    async def start(self) -> None:
+        """Seed the slot view from the store, follow the commits, queue every retained state."""
+        for row in await self._reads.slots():
             self.slots[row["slot"]] = {
                 "slot": row["slot"],
                 "lot": row["lot"],
@@ -60,12 +76,17 @@ class Publisher:
         self.lots = sorted({s["lot"] for s in self.slots.values()})
         # Slots per (zone, type, status) for each lot, kept in step with `slots`: an availability document
         # costs the number of zones and types, not the number of slots.
-        self._counts: dict[str, Counter[tuple[str, str, str]]] = {lot: Counter() for lot in self.lots}
+        self._counts = {lot: Counter() for lot in self.lots}
         for slot in self.slots.values():
             self._counts[slot["lot"]][(slot["zone"], slot["type"], slot["status"])] += 1
-        self._dirty: set[str] = set()
-        self._wakeup = asyncio.Event()
-        self.events_published = 0
+        self._writer.add_listener(self.on_commit)
+        self.publish_all()
+
+    async def stop(self) -> None:
+        self._writer.remove_listener(self.on_commit)
+
+    async def health(self) -> dict[str, Any]:
+        return {"events_published": self.events_published}
 
     def publish_all(self) -> None:
         """Every retained state; the link re-publishes them after each reconnect."""
@@ -77,30 +98,29 @@ class Publisher:
     def on_commit(self, done: Committed) -> None:
         """Writer listener: runs in the loop after COMMIT, never blocks."""
         touched: set[str] = set()
-        for event in done.events:
-            self._link.publish(self._topics.events, _dumps(event), qos=1)
+        for envelope in done.events:
+            self._link.publish(self._topics.events, envelope.body, qos=1)
             self.events_published += 1
-            slot_id = event.get("slot")
-            slot = self.slots.get(slot_id) if isinstance(slot_id, str) else None
-            if slot is None:
-                continue
-            kind = event["type"]
-            if kind == "slot.status":
-                if event["status"] != slot["status"]:
-                    counts = self._counts[slot["lot"]]
-                    counts[(slot["zone"], slot["type"], slot["status"])] -= 1
-                    counts[(slot["zone"], slot["type"], event["status"])] += 1
-                    slot["status"] = event["status"]
-                    slot["since"] = event["ts"]  # as in the store: since the status, not the sensor, changed
-                    self._dirty.add(slot["lot"])
-                slot["sensor"] = event["sensor"]
-            elif kind == "session.started":
-                slot["session"] = event["session_id"]
-            elif kind == "session.ended" and slot["session"] == event["session_id"]:
-                slot["session"] = None
-            else:
-                continue
-            touched.add(slot_id)  # type: ignore[arg-type]
+            match envelope.event:
+                case SlotStatus(slot=slot_id, status=status, sensor=sensor) if slot_id in self.slots:
+                    slot = self.slots[slot_id]
+                    if status != slot["status"]:
+                        counts = self._counts[slot["lot"]]
+                        counts[(slot["zone"], slot["type"], slot["status"])] -= 1
+                        counts[(slot["zone"], slot["type"], status)] += 1
+                        slot["status"] = status
+                        slot["since"] = envelope.ts  # as in the store: since the status, not the sensor, changed
+                        self._dirty.add(slot["lot"])
+                    slot["sensor"] = sensor
+                case SessionStarted(slot=str(slot_id), session_id=session_id) if slot_id in self.slots:
+                    self.slots[slot_id]["session"] = session_id
+                case SessionEnded(slot=str(slot_id), session_id=session_id) if (
+                    slot_id in self.slots and self.slots[slot_id]["session"] == session_id
+                ):
+                    self.slots[slot_id]["session"] = None
+                case _:
+                    continue
+            touched.add(slot_id)
         for slot_id in touched:
             self._link.publish(self._topics.slot(slot_id), _dumps(self.slots[slot_id]), qos=1, retain=True)
         if self._dirty:
@@ -108,7 +128,7 @@ class Publisher:
 
     def _publish_availability(self, lot: str) -> None:
         rows = ((z, t, st, n) for (z, t, st), n in self._counts[lot].items() if n)
-        doc = fold(lot, rows, self._clock())
+        doc = fold(lot, rows, self._clock.wall())
         self._link.publish(self._topics.availability(lot), _dumps(doc), qos=1, retain=True)
 
     async def run(self) -> None:
@@ -122,24 +142,22 @@ class Publisher:
             for lot in sorted(dirty):
                 self._publish_availability(lot)
             # Changes during the pause set _dirty again and are published after it: the last state always goes out.
-            await asyncio.sleep(self._every)
+            await self._clock.sleep(self._every)
 
     async def _health_loop(self) -> None:
         while True:
             self._link.publish(self._topics.health, _dumps(await self._health()), qos=1, retain=True)
-            await asyncio.sleep(HEALTH_EVERY)
+            await self._clock.sleep(HEALTH_EVERY)
 
 
-def health_document(
-    *, started: float, queue_depth: int, outbox_backlog: int, db_bytes: int, devices: dict[str, Any]
-) -> dict[str, Any]:
-    now = time.time()
+def health_document(*, now: float, uptime_s: float, snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`R/health` (contract §3.2) from the services' snapshots: the contract's fields, and each service's own."""
     return {
         "ts": iso_ms(now),
-        "uptime_s": round(now - started),
+        "uptime_s": round(uptime_s),
         "version": __version__,
-        "queue_depth": queue_depth,
-        "outbox_backlog": outbox_backlog,
-        "db_bytes": db_bytes,
-        "devices": devices,
+        "queue_depth": snapshots["writer"]["queue_depth"],
+        "outbox_backlog": snapshots["store"]["outbox_backlog"],
+        "db_bytes": snapshots["store"]["db_bytes"],
+        "devices": snapshots,
     }

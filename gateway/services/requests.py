@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,6 +19,7 @@ from gateway.store.writer import Writer, WriterClosed
 log = structlog.get_logger("gateway.requests")
 
 MAX_REQUEST = 16 * 1024
+STOP_GRACE_S = 2.0
 Text = Field(min_length=1, max_length=128)
 
 
@@ -82,40 +84,57 @@ def _command(verb: str, req: _Request) -> Command:
 class Requests:
     """Each request is handled in its own task so one slow reply never holds up the MQTT link."""
 
-    def __init__(self, writer: Writer, reads: ReadStore, topics: Topics, lots: set[str]) -> None:
+    name = "requests"
+
+    def __init__(self, writer: Writer, reads: ReadStore, topics: Topics, lots: set[str], link: MqttLink) -> None:
         self._writer = writer
         self._reads = reads
         self._topics = topics
         self._lots = lots
-        self.link: MqttLink | None = None
+        self.link = link
         self.handled = 0
         self.invalid = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    async def start(self) -> None:
+        self._stopping = False
+
+    async def run(self) -> None:
+        return
+
+    async def stop(self) -> None:
+        """Let requests in flight finish (their replies are queued on the link), then cancel what remains."""
+        self._stopping = True
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_GRACE_S)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def health(self) -> dict[str, Any]:
+        return {"handled": self.handled, "invalid": self.invalid, "in_flight": len(self._tasks)}
 
     async def handle(self, msg: Incoming) -> None:
+        if self._stopping:
+            return  # shutting down: no decision starts now
         verb = msg.topic.rsplit("/", 1)[-1]
         task = asyncio.create_task(self._serve(verb, msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _serve(self, verb: str, msg: Incoming) -> None:
         transaction, reply = await self._answer(verb, msg.payload)
         self.handled += 1
         if not reply.ok and reply.code == "invalid_request":
             self.invalid += 1
-        if self.link is not None:
-            self.link.publish(
-                msg.response_topic or self._topics.response(verb),
-                json.dumps(reply.to_json(transaction), separators=(",", ":")),
-                qos=1,
-                correlation_data=msg.correlation_data,
-                droppable=False,
-            )
+        self.link.publish(
+            msg.response_topic or self._topics.response(verb),
+            json.dumps(reply.to_json(transaction), separators=(",", ":")),
+            qos=1,
+            correlation_data=msg.correlation_data,
+            droppable=False,
+        )
 
     async def _answer(self, verb: str, payload: bytes) -> tuple[str | None, Reply]:
         transaction: str | None = None

@@ -11,18 +11,35 @@ from gateway.store import availability
 
 
 class ReadStore:
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        self._conn = conn
+    """A service: opened once the writer has created and migrated the store, closed after the writer stops."""
+
+    name = "store"
+
+    def __init__(self, path: Path) -> None:
         self.path = path
+        self._db: aiosqlite.Connection | None = None
 
-    @classmethod
-    async def open(cls, path: Path) -> ReadStore:
-        conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
-        await conn.execute("PRAGMA busy_timeout=5000")
-        return cls(conn, path)
+    async def start(self) -> None:
+        if self._db is None:
+            self._db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+            await self._db.execute("PRAGMA busy_timeout=5000")
 
-    async def close(self) -> None:
-        await self._conn.close()
+    async def run(self) -> None:
+        return
+
+    async def stop(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
+
+    async def health(self) -> dict[str, Any]:
+        return {"outbox_backlog": await self.outbox_backlog(), "db_bytes": self.db_bytes()}
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("the read connection is not open")
+        return self._db
 
     async def availability(self, lot: str, zone: str | None = None, type_: str | None = None) -> dict[str, Any]:
         sql, args = availability.query(lot, zone, type_)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import structlog
 
 from gateway.config import GatewayConfig
 from gateway.core import allocation, exits, slots, upkeep
+from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.domain import (
     Block,
     Command,
@@ -29,6 +29,7 @@ from gateway.core.domain import (
     SensorChanges,
     Unblock,
 )
+from gateway.core.events import Envelope
 from gateway.core.plates import PlateKey
 from gateway.core.txn import Txn
 from gateway.store.schema import Synchronous, connect, migrate
@@ -44,7 +45,7 @@ Handler = Callable[[Txn, Any], dict[str, Any]]
 class Committed:
     """What one group commit changed, handed to listeners after COMMIT (replies, MQTT, actuations)."""
 
-    events: list[dict[str, Any]]
+    events: list[Envelope]
     batch_size: int
 
 
@@ -74,7 +75,7 @@ class Writer:
         key: PlateKey,
         *,
         synchronous: Synchronous | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._path = db_path
         self._config = config
@@ -83,11 +84,13 @@ class Writer:
         self._sync: Synchronous = synchronous or config.store.synchronous
         self._batch_max = config.store.group_commit_max
         self._clock = clock
+        self.name = "writer"
         self._queue: asyncio.Queue[tuple[Command, asyncio.Future[Reply]]] = asyncio.Queue(maxsize=10_000)
         self._listeners: list[Callable[[Committed], None]] = []
         self._ready = asyncio.Event()
         self._closed = False
         self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._next_seq = 1
         self.commits = 0
         self.commands = 0
@@ -95,6 +98,10 @@ class Writer:
     def add_listener(self, listener: Callable[[Committed], None]) -> None:
         """Called in the event loop after every COMMIT, in commit order. Must not block."""
         self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[Committed], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     @property
     def queue_depth(self) -> int:
@@ -110,17 +117,24 @@ class Writer:
         await self._queue.put((cmd, fut))
         return await fut
 
+    async def start(self) -> None:
+        """Open the store: migrate, sync the config, load the event sequence."""
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+        self._ready.set()
+
     async def run(self) -> None:
+        """Apply queued commands in group commits until cancelled; then stop."""
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         try:
-            await loop.run_in_executor(executor, self._open)
-            self._ready.set()
+            await self.start()
             while True:
                 batch = [await self._queue.get()]
                 while len(batch) < self._batch_max and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                work = loop.run_in_executor(executor, self._apply, [cmd for cmd, _ in batch])
+                work = loop.run_in_executor(self._executor, self._apply, [cmd for cmd, _ in batch])
                 try:
                     replies, events = await asyncio.shield(work)
                 except asyncio.CancelledError:
@@ -130,17 +144,27 @@ class Writer:
                     raise
                 self._deliver(batch, replies, events)
         finally:
-            self._closed = True
-            while not self._queue.empty():
-                _, fut = self._queue.get_nowait()
-                if not fut.done():
-                    fut.set_result(Reply.error("unavailable", "the gateway is shutting down"))
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Refuse new commands, answer the queued ones `unavailable`, close the store; safe to call twice."""
+        self._closed = True
+        while not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_result(Reply.error("unavailable", "the gateway is shutting down"))
+        executor, self._executor = self._executor, None
+        if executor is not None:
             if self._conn is not None:
-                await loop.run_in_executor(executor, self._conn.close)
+                await asyncio.get_running_loop().run_in_executor(executor, self._conn.close)
+                self._conn = None
             executor.shutdown(wait=True)
 
+    async def health(self) -> dict[str, Any]:
+        return {"queue_depth": self._queue.qsize(), "commits": self.commits, "commands": self.commands}
+
     def _deliver(
-        self, batch: list[tuple[Command, asyncio.Future[Reply]]], replies: list[Reply], events: list[dict[str, Any]]
+        self, batch: list[tuple[Command, asyncio.Future[Reply]]], replies: list[Reply], events: list[Envelope]
     ) -> None:
         for (_, fut), reply in zip(batch, replies, strict=True):
             if not fut.done():
@@ -169,10 +193,10 @@ class Writer:
         assert self._conn is not None
         return int(self._conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
 
-    def _apply(self, cmds: list[Command]) -> tuple[list[Reply], list[dict[str, Any]]]:
+    def _apply(self, cmds: list[Command]) -> tuple[list[Reply], list[Envelope]]:
         conn = self._conn
         assert conn is not None
-        txn = Txn(conn, self._settings, self._key, self._clock(), self._next_seq)
+        txn = Txn(conn, self._settings, self._key, self._clock.wall(), self._next_seq)
         replies: list[Reply] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
