@@ -1,9 +1,9 @@
 """The daemon: one ordered list of services (gateway/services/lifecycle.py), started in order, stopped in reverse.
 
 Order: embedded broker -> MQTT link -> writer (store open, config synced) -> read connection -> requests ->
-ingress -> publisher -> housekeeping. Nothing runs until all have started, so the link announces `online` only
-once the store is open; stopping in reverse means nothing is decided after the writer is gone, every reply of
-its last commit is queued before the link says `offline`, and `offline` is the last word on the broker.
+ingress -> publisher -> housekeeping -> deadlines. Nothing runs until all have started, so the link announces
+`online` only once the store is open; stopping in reverse means nothing is decided after the writer is gone,
+every reply of its last commit is queued before the link says `offline`, and `offline` is the last word.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from gateway.mqtt.acl import default_acl, load_acl
 from gateway.mqtt.broker import BrokerOptions, EmbeddedBroker, usernames
 from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
 from gateway.mqtt.topics import Topics, match
+from gateway.services.deadlines import Deadlines
 from gateway.services.housekeeping import Housekeeping
 from gateway.services.ingress import Ingress
 from gateway.services.lifecycle import Service, serve
@@ -102,6 +103,7 @@ class Gateway:
         self.requests = Requests(self.writer, self.reads, self.topics, {lot.id for lot in config.lots}, self.link)
         self.publisher = Publisher(self.link, self.topics, self.reads, self.writer, health=self._health, clock=clock)
         self.housekeeping = Housekeeping(self.writer, clock=clock)
+        self.deadlines = Deadlines(self.writer, clock=clock)
 
     def services(self) -> list[Service]:
         """In start order; adding a service is one line here."""
@@ -114,6 +116,7 @@ class Gateway:
             self.ingress,
             self.publisher,
             self.housekeeping,
+            self.deadlines,
         ]
 
     def stop(self) -> None:

@@ -102,6 +102,24 @@ class ManualClock:
             sleeper.cancel()
 
 
+class Timeline:
+    """Timer time on the epoch scale: the wall time at creation plus monotonic time since.
+
+    What timer deadlines in the store are measured in. It never jumps while the process runs; a restart
+    re-anchors it to the wall clock of that moment (without an RTC, as good as the clock then is).
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._offset = clock.wall() - clock.monotonic()
+
+    def now(self) -> float:
+        return self._clock.monotonic() + self._offset
+
+    def seconds_until(self, due: float) -> float:
+        return due - self.now()
+
+
 def iso_ms(t: float) -> str:
     """RFC 3339 UTC with milliseconds, as every timestamp of the contract."""
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

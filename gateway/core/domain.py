@@ -124,6 +124,11 @@ class Housekeeping(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class FireDue(Command):
+    """Run the deadlines whose time has come (gateway/core/timers.py)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RaiseAlert(Command):
     """An alert from outside the writer's own decisions (an unknown device, a lane fault)."""
 

@@ -21,9 +21,11 @@ class Txn:
     conn: sqlite3.Connection
     settings: Settings
     key: PlateKey
-    now: float
+    now: float  # wall time: what is recorded
     next_seq: int
+    timer_now: float = 0.0  # the writer's Timeline: what timer deadlines are measured against
     events: list[Envelope] = field(default_factory=list)
+    deadlines_changed: bool = False
 
     def emit(self, event: Event) -> Envelope:
         """Append an event to the outbox; its seq is the next in this gateway's gapless sequence."""

@@ -82,6 +82,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO meta (key, value) VALUES ('next_seq', '1');
     """,
+    # 2: deadlines as data (gateway/core/timers.py); wall = 0: on the writer's Timeline, 1: wall-clock time
+    """
+    CREATE TABLE deadlines (
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        due REAL NOT NULL,
+        wall INTEGER NOT NULL DEFAULT 0 CHECK (wall IN (0, 1)),
+        PRIMARY KEY (kind, subject)
+    );
+    CREATE INDEX deadlines_due ON deadlines (wall, due);
+    """,
 )
 
 Synchronous = Literal["FULL", "NORMAL"]

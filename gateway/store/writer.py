@@ -14,14 +14,15 @@ from typing import Any
 import structlog
 
 from gateway.config import GatewayConfig
-from gateway.core import allocation, exits, slots, upkeep
-from gateway.core.clock import SYSTEM_CLOCK, Clock
+from gateway.core import allocation, exits, slots, timers, upkeep
+from gateway.core.clock import SYSTEM_CLOCK, Clock, Timeline
 from gateway.core.domain import (
     Block,
     Command,
     CommandError,
     Enter,
     Exit,
+    FireDue,
     Housekeeping,
     RaiseAlert,
     RecordRejections,
@@ -47,6 +48,11 @@ class Committed:
 
     events: list[Envelope]
     batch_size: int
+    # The earliest (timer, wall) deadline after this commit when the commit changed deadlines, else None.
+    next_due: tuple[float | None, float | None] | None = None
+
+
+Applied = tuple[list[Reply], list[Envelope], tuple[float | None, float | None] | None]
 
 
 class WriterClosed(Exception):
@@ -62,6 +68,7 @@ HANDLERS: dict[type[Command], Handler] = {
     RecordRejections: upkeep.record_rejections,
     Housekeeping: upkeep.housekeeping,
     RaiseAlert: upkeep.raise_alert,
+    FireDue: timers.fire_due,
 }
 
 
@@ -84,6 +91,9 @@ class Writer:
         self._sync: Synchronous = synchronous or config.store.synchronous
         self._batch_max = config.store.group_commit_max
         self._clock = clock
+        self.timeline = Timeline(clock)
+        # The earliest (timer, wall) deadline in the store; listeners learn of changes through Committed.
+        self.next_due: tuple[float | None, float | None] = (None, None)
         self.name = "writer"
         self._queue: asyncio.Queue[tuple[Command, asyncio.Future[Reply]]] = asyncio.Queue(maxsize=10_000)
         self._listeners: list[Callable[[Committed], None]] = []
@@ -136,13 +146,12 @@ class Writer:
                     batch.append(self._queue.get_nowait())
                 work = loop.run_in_executor(self._executor, self._apply, [cmd for cmd, _ in batch])
                 try:
-                    replies, events = await asyncio.shield(work)
+                    done = await asyncio.shield(work)
                 except asyncio.CancelledError:
                     # The batch runs to its end in the thread: deliver what it committed, then stop.
-                    replies, events = await work
-                    self._deliver(batch, replies, events)
+                    self._deliver(batch, *await work)
                     raise
-                self._deliver(batch, replies, events)
+                self._deliver(batch, *done)
         finally:
             await self.stop()
 
@@ -164,15 +173,21 @@ class Writer:
         return {"queue_depth": self._queue.qsize(), "commits": self.commits, "commands": self.commands}
 
     def _deliver(
-        self, batch: list[tuple[Command, asyncio.Future[Reply]]], replies: list[Reply], events: list[Envelope]
+        self,
+        batch: list[tuple[Command, asyncio.Future[Reply]]],
+        replies: list[Reply],
+        events: list[Envelope],
+        next_due: tuple[float | None, float | None] | None,
     ) -> None:
         for (_, fut), reply in zip(batch, replies, strict=True):
             if not fut.done():
                 fut.set_result(reply)
         self.commits += 1
         self.commands += len(batch)
-        if events:
-            done = Committed(events, len(batch))
+        if next_due is not None:
+            self.next_due = next_due
+        if events or next_due is not None:
+            done = Committed(events, len(batch), next_due)
             for listener in self._listeners:
                 try:
                     listener(done)
@@ -188,21 +203,28 @@ class Writer:
         sync_config(conn, lots, self._config.slot_specs())
         self._conn = conn
         self._next_seq = self._load_seq()
+        self.next_due = timers.next_due(self._txn(conn))
 
     def _load_seq(self) -> int:
         assert self._conn is not None
         return int(self._conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
 
-    def _apply(self, cmds: list[Command]) -> tuple[list[Reply], list[Envelope]]:
+    def _txn(self, conn: sqlite3.Connection) -> Txn:
+        return Txn(conn, self._settings, self._key, self._clock.wall(), self._next_seq, self.timeline.now())
+
+    def _apply(self, cmds: list[Command]) -> Applied:
         conn = self._conn
         assert conn is not None
-        txn = Txn(conn, self._settings, self._key, self._clock.wall(), self._next_seq)
+        txn = self._txn(conn)
         replies: list[Reply] = []
+        next_due = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             for cmd in cmds:
                 replies.append(self._apply_one(txn, cmd))
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(txn.next_seq),))
+            if txn.deadlines_changed:
+                next_due = timers.next_due(txn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("group commit failed", error=str(exc), batch=len(cmds))
@@ -210,9 +232,9 @@ class Writer:
                 conn.execute("ROLLBACK")
             self._next_seq = self._load_seq()
             failed = Reply.error("unavailable", "the store could not commit; try again")
-            return [failed] * len(cmds), []
+            return [failed] * len(cmds), [], None
         self._next_seq = txn.next_seq
-        return replies, txn.events
+        return replies, txn.events, next_due
 
     def _apply_one(self, txn: Txn, cmd: Command) -> Reply:
         conn = txn.conn
