@@ -215,7 +215,7 @@ class RawStore:
         session_id, lot, _zone, slot, _plate, vehicle = rows[0][:6]
         started_at = rows[0][10]
         duration = max(0, round(now - started_at))
-        amount = fee(self.tariff, duration)
+        amount = fee(self.tariff, started_at, now, 1)
         currency = self.tariff.currency if self.tariff is not None else None
         self.conn.execute(
             "UPDATE sessions SET state = 'ended', ended_at = ?, exit_gate = ?, duration_s = ?, fee_amount = ?,"
@@ -254,7 +254,8 @@ def open_raw(cfg: GatewayConfig, sync: Synchronous) -> RawStore:
     conn.row_factory = None
     migrate(conn)
     sync_config(conn, {lot.id: lot.name for lot in cfg.lots}, cfg.slot_specs())
-    return RawStore(conn, cfg.gateway.id, next((tariff_from_config(t) for t in cfg.tariffs if t.lot == LOT), None))
+    tariff = next((tariff_from_config(t, cfg.gateway.timezone) for t in cfg.tariffs if t.lot == LOT), None)
+    return RawStore(conn, cfg.gateway.id, tariff)
 
 
 def raw_commands(clients: int, first: int, per_client: int) -> Iterator[tuple[bool, str]]:

@@ -88,7 +88,7 @@ def exit_(txn: Txn, cmd: Exit) -> dict[str, Any]:
     session = _find_session(txn, cmd, lot)
     duration = max(0, round(txn.now - session["started_at"]))
     tariff = txn.settings.tariffs.get(session["lot"])
-    amount = fee(tariff, duration)
+    amount = fee(tariff, session["started_at"], txn.now, 1)
     currency = tariff.currency if tariff is not None else None
     txn.conn.execute(
         "UPDATE sessions SET state = 'ended', ended_at = ?, exit_gate = ?, duration_s = ?, fee_amount = ?,"

@@ -6,6 +6,7 @@ Built from the config by `gateway.store.settings.settings_from_config`; the core
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,13 +19,25 @@ class GateInfo:
 
 @dataclass(frozen=True, slots=True)
 class OccupancyBand:
-    from_: float
-    factor: float
+    """From occupancy fraction `from_` on, the fee is multiplied by `factor`; both exact."""
+
+    from_: Fraction
+    factor: Fraction
+
+
+@dataclass(frozen=True, slots=True)
+class TariffPeriod:
+    """An hourly rate for hours starting at local times `start` <= t < `end` on `days`."""
+
+    days: frozenset[int]  # the days it starts on, 0 = Monday (date.weekday())
+    start: int  # minutes after local midnight, 0..1439
+    end: int  # minutes after local midnight, 1..1440; not above `start`: runs over midnight into the next day
+    per_hour: int
 
 
 @dataclass(frozen=True, slots=True)
 class Tariff:
-    """A lot's prices in integer minor units."""
+    """A lot's prices in integer minor units; `periods` are in local time of `timezone` (IANA) and disjoint."""
 
     currency: str
     per_hour: int
@@ -32,6 +45,8 @@ class Tariff:
     daily_cap: int | None = None
     exit_grace_minutes: int = 10
     occupancy_multipliers: tuple[OccupancyBand, ...] = ()
+    periods: tuple[TariffPeriod, ...] = ()
+    timezone: str = "UTC"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from gateway.config import GatewayConfig, TariffConfig
 from gateway.core.plates import PlateError, normalise
-from gateway.core.settings import GateInfo, OccupancyBand, Settings, Tariff
+from gateway.core.settings import GateInfo, OccupancyBand, Settings, Tariff, TariffPeriod
 
 
-def tariff_from_config(t: TariffConfig) -> Tariff:
+def exact(value: float) -> Fraction:
+    """A config number as the decimal the operator wrote: `str` gives the shortest repr, 1.1 -> 11/10."""
+    return Fraction(str(value))
+
+
+def tariff_from_config(t: TariffConfig, timezone: str) -> Tariff:
+    """The core's tariff; `timezone` is `[gateway] timezone`, the zone its periods are written in."""
     return Tariff(
         currency=t.currency,
         per_hour=t.per_hour,
         free_minutes=t.free_minutes,
         daily_cap=t.daily_cap,
         exit_grace_minutes=t.exit_grace_minutes,
-        occupancy_multipliers=tuple(OccupancyBand(m.from_, m.factor) for m in t.occupancy_multipliers),
+        occupancy_multipliers=tuple(OccupancyBand(exact(m.from_), exact(m.factor)) for m in t.occupancy_multipliers),
+        periods=tuple(TariffPeriod(p.weekdays(), p.start_minute(), p.end_minute(), p.per_hour) for p in t.periods),
+        timezone=timezone,
     )
 
 
@@ -34,7 +44,7 @@ def settings_from_config(cfg: GatewayConfig) -> Settings:
         permits={_norm_or_raw(p.vehicle): tuple(p.types) for p in cfg.access.permits},
         restricted_types=frozenset(cfg.access.restricted_types),
         gates={g.id: GateInfo(g.id, g.lot, g.direction, g.serial is not None) for g in cfg.gates},
-        tariffs={t.lot: tariff_from_config(t) for t in cfg.tariffs},
+        tariffs={t.lot: tariff_from_config(t, cfg.gateway.timezone) for t in cfg.tariffs},
         lots=frozenset(lot.id for lot in cfg.lots),
         zones={k: frozenset(v) for k, v in zones.items()},
         types={k: tuple(v) for k, v in types.items()},
