@@ -19,9 +19,9 @@ import structlog
 from gateway.config import GatewayConfig
 from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.plates import PlateKey
-from gateway.mqtt.acl import default_acl, load_acl
-from gateway.mqtt.broker import BrokerOptions, EmbeddedBroker, usernames
+from gateway.mqtt.broker import EmbeddedBroker
 from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
+from gateway.mqtt.local import broker_options, broker_warnings
 from gateway.mqtt.topics import Topics, match
 from gateway.services.deadlines import Deadlines
 from gateway.services.housekeeping import Housekeeping
@@ -34,25 +34,6 @@ from gateway.store.schema import db_path
 from gateway.store.writer import Writer
 
 log = structlog.get_logger("gateway")
-
-
-def broker_options(config: GatewayConfig) -> BrokerOptions:
-    b = config.broker
-    if b.users_file is None:
-        return BrokerOptions(host=b.host, port=b.port, allow_anonymous=b.allow_anonymous)
-    users = usernames(b.users_file)
-    if b.acl_file is not None:
-        acl = load_acl(Path(b.acl_file), users)
-    else:
-        acl = default_acl(b.username, users, config.ingress.by_kind())
-    return BrokerOptions(
-        host=b.host,
-        port=b.port,
-        allow_anonymous=b.allow_anonymous,
-        users_file=b.users_file,
-        acl=acl.publish,
-        subscribe_acl=acl.subscribe,
-    )
 
 
 def _secret(password: str | None, password_file: str | None) -> str | None:
@@ -78,6 +59,9 @@ class Gateway:
 
         b = config.broker
         self.broker = EmbeddedBroker(broker_options(config)) if b.embedded else None
+        embedded = self.broker.options if self.broker is not None else None
+        own = embedded.gateway_account if embedded is not None else None
+        username, password = own or (b.username, _secret(b.password, b.password_file))
         self.writer = Writer(self.db, config, self.key, clock=clock)
         self.reads = ReadStore(self.db)
         self.ingress = Ingress(config, self.writer, self.reads, clock=clock)
@@ -87,8 +71,8 @@ class Gateway:
                 port=b.port,
                 client_id=f"{config.gateway.id}-local",
                 status_topic=self.topics.status,
-                username=b.username,
-                password=_secret(b.password, b.password_file),
+                username=username,
+                password=password,
                 tls_ca=b.tls.ca if b.tls else None,
                 tls_cert=b.tls.cert if b.tls else None,
                 tls_key=b.tls.key if b.tls else None,
@@ -127,6 +111,8 @@ class Gateway:
         await self._ready.wait()
 
     async def run(self) -> None:
+        for warning in broker_warnings(self.config):
+            log.warning(warning)
         if self.broker is not None:
             log.info("embedded broker", host=self.config.broker.host, port=self.config.broker.port)
         await serve(self.services(), self._stop, self._ready)

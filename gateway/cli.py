@@ -90,7 +90,11 @@ def _read_conn(cfg: GatewayConfig) -> sqlite3.Connection:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.mqtt.local import broker_warnings
+
     cfg = load_config(args.path)
+    for warning in broker_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     specs = cfg.slot_specs()
     print(f"{args.path}: ok ({len(cfg.lots)} lots, {len(specs)} slots, {len(cfg.gates)} gates)")
     return 0

@@ -24,6 +24,13 @@ R = "parking/gw1"
 def site_config(
     state_dir: Path, *, port: int, embedded: bool, broker_extra: str = "", extra: str = ""
 ) -> GatewayConfig:
+    if embedded and "users_file" not in broker_extra and "acl_file" not in broker_extra:
+        # The tests' anonymous clients act as devices, operators and displays: an ACL file says they may
+        # (the default rule keeps requests and replies from anonymous clients).
+        acl = state_dir.parent / "anonymous.acl"
+        acl.parent.mkdir(parents=True, exist_ok=True)
+        acl.write_text("topic readwrite #\n")
+        broker_extra = f'acl_file = "{acl}"\n{broker_extra}'
     return parse_config(
         f"""
 [gateway]

@@ -12,7 +12,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway.mqtt.broker import BrokerOptions, BrokerStartError, EmbeddedBroker, hash_password, make_acl
+from gateway.mqtt.acl import Acl
+from gateway.mqtt.broker import BrokerOptions, BrokerStartError, EmbeddedBroker, hash_password
 
 ROOT = "parking/gw1"
 DEADLINE = 5.0
@@ -43,7 +44,8 @@ def users_file(tmp_path: Path) -> str:
 
 @pytest.fixture
 async def secured(users_file: str) -> AsyncIterator[int]:
-    acl = make_acl("gw", {"dev1": ["sensors/S1/state"], "dev2": ["sensors/S2/state"]}, ["op"], ROOT)
+    publish = {"gw": ["#"], "dev1": ["sensors/S1/state"], "dev2": ["sensors/S2/state"], "op": [f"{ROOT}/request/#"]}
+    acl = Acl(publish=publish, subscribe={"gw": ["#"]})
     options = BrokerOptions(port=free_port(), allow_anonymous=False, users_file=users_file, acl=acl)
     async with EmbeddedBroker(options):
         yield options.port
@@ -119,23 +121,11 @@ async def test_devices_publish_only_their_own_topics(secured: int) -> None:
 
 
 async def test_subscribe_acl_refuses_a_filter(users_file: str) -> None:
-    options = BrokerOptions(
-        port=free_port(), users_file=users_file, acl={"gw": ["#"]}, subscribe_acl={"gw": ["#"], "op": [f"{ROOT}/#"]}
-    )
+    acl = Acl(publish={"gw": ["#"]}, subscribe={"gw": ["#"], "op": [f"{ROOT}/#"]})
+    options = BrokerOptions(port=free_port(), users_file=users_file, acl=acl)
     async with EmbeddedBroker(options), login(options.port, "op") as op:
         granted = await op.subscribe([(f"{ROOT}/response/#", 1), ("sensors/#", 1)])
         assert [code.is_failure for code in granted] == [False, True]  # type: ignore[union-attr]
-
-
-def test_make_acl() -> None:
-    acl = make_acl("gw", {"S1": ["sensors/S1/state"], "cam1": ["cameras/cam1/reads"]}, ["op1", "op2"], ROOT)
-    assert acl == {
-        "gw": ["#"],
-        "S1": ["sensors/S1/state"],
-        "cam1": ["cameras/cam1/reads"],
-        "op1": [f"{ROOT}/request/#"],
-        "op2": [f"{ROOT}/request/#"],
-    }
 
 
 def test_hash_password_is_salted_argon2id() -> None:

@@ -29,14 +29,17 @@ class BrokerConfig(StrictModel):
     acl_file: str | None = Field(
         None,
         min_length=1,
-        description="Embedded broker only: a Mosquitto-style ACL file (`user`, `topic`, `pattern` with `%u`); "
-        "unset: the gateway's account may do everything, every other account publish to its own ingress topics.",
+        description="Embedded broker only: a Mosquitto-style ACL file (`user`, `topic`, `pattern` with `%u`; rules "
+        "before any `user` line are for anonymous clients); unset: the gateway's account may do everything, every "
+        "other account publish to its own ingress topics, anonymous clients publish to the ingress filters and "
+        "read the gateway's states and events.",
     )
     users_file: str | None = Field(
         None,
         min_length=1,
         description="Embedded broker only: `user:hash` lines with Argon2 hashes, written by "
-        "`parking-gateway passwd FILE USER`; required unless `allow_anonymous`.",
+        "`parking-gateway passwd FILE USER`; required unless `allow_anonymous`; needs `username`, the gateway's "
+        "own account in it. Unset: the gateway logs in with an in-process account made at each start.",
     )
     mqtt_version: Literal["3.1.1", "5"] = Field(
         "5",
@@ -55,6 +58,8 @@ class BrokerConfig(StrictModel):
         if self.embedded:
             if not self.allow_anonymous and self.users_file is None:
                 problems.append((("users_file",), "required for the embedded broker unless allow_anonymous = true"))
+            if self.users_file is not None and self.username is None:
+                problems.append((("username",), "required with users_file: the gateway's own account in it"))
         else:
             for name in ("acl_file", "users_file"):
                 if getattr(self, name) is not None:

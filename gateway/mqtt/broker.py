@@ -1,14 +1,17 @@
-"""The bundled MQTT 3.1.1 broker (amqtt 0.12), run in the gateway's own event loop.
+"""The bundled MQTT 3.1.1 broker (amqtt 0.12.1), run in the gateway's own event loop.
 
 Users file (``users_file``): one ``username:hash`` per line, ``#`` comments allowed. amqtt 0.12 verifies
 the hash with pwdlib and accepts Argon2 (``$argon2id$...``, what :func:`hash_password` writes) and,
 deprecated, sha512-crypt (``$6$...``, as written by older amqtt tools or passlib) which only works on
 Python < 3.13 because it needs the ``crypt`` module. bcrypt is not accepted by amqtt 0.12.
 
-Access control: ``acl`` maps a username to the topic names it may PUBLISH to (MQTT filters, ``+``/``#``
-allowed); a publish outside them is acknowledged and silently dropped by the broker. ``subscribe_acl``
-does the same for subscriptions (a refused filter gets SUBACK 0x80); without it every authenticated
-account may subscribe to anything. Anonymous clients, when allowed, are the user ``anonymous``.
+``gateway_account``: a (username, password) pair checked in memory, for the gateway's own link when there is
+no users_file (then it is the only account; every other client is anonymous).
+
+Access control (``acl``, see gateway.mqtt.acl): publishing, subscribing and delivery are checked against the
+rules of the client's identity, anonymous clients included; a publish outside them is acknowledged and
+silently dropped by the broker, a refused filter gets SUBACK 0x80. ``acl=None`` means no access control
+(the tests' and benchmarks' open broker; the daemon always passes rules).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any, Self
 from argon2 import Type as Argon2Type
 from pwdlib.hashers.argon2 import Argon2Hasher
 
-__all__ = ["BrokerOptions", "BrokerStartError", "EmbeddedBroker", "hash_password", "make_acl"]
+from gateway.mqtt.acl import ANONYMOUS, Acl
+
+__all__ = ["BrokerOptions", "BrokerStartError", "EmbeddedBroker", "hash_password"]
 
 # OWASP's minimum Argon2id profile (19 MiB, 2 passes, 1 lane): amqtt verifies synchronously inside
 # the event loop the lanes also run on, so a Pi must not spend 64 MiB and ~0.3 s per CONNECT.
@@ -43,25 +48,13 @@ class BrokerOptions:
     port: int = 1883
     allow_anonymous: bool = False
     users_file: str | None = None
-    acl: dict[str, list[str]] | None = None
-    subscribe_acl: dict[str, list[str]] | None = None
+    acl: Acl | None = None
+    gateway_account: tuple[str, str] | None = None
 
 
 def hash_password(password: str) -> str:
     """The hash part of a users-file line (``f"{user}:{hash_password(pw)}"``)."""
     return _HASHER.hash(password)
-
-
-def make_acl(gateway_user: str, devices: dict[str, list[str]], operators: list[str], root: str) -> dict[str, list[str]]:
-    """Publish ACL: the gateway everything, each device its own ingress topics, operators ``<root>/request/#``.
-
-    ``root`` is the gateway's topic prefix ``<topic_root>/<gateway.id>``.
-    """
-    acl: dict[str, list[str]] = {user: list(topics) for user, topics in devices.items()}
-    for user in operators:
-        acl[user] = [f"{root}/request/#"]
-    acl[gateway_user] = ["#"]
-    return acl
 
 
 class _AmqttNoise(logging.Filter):
@@ -110,22 +103,25 @@ class EmbeddedBroker:
         opts = self.options
         if not opts.allow_anonymous and opts.users_file is None:
             raise BrokerStartError("broker: allow_anonymous is false and no users_file is set: nobody could connect")
+        if opts.gateway_account is not None and opts.users_file is not None:
+            # amqtt's file plugin refuses every name it does not hold: the in-memory account could not log in.
+            raise BrokerStartError("broker: the gateway's in-process account is only for a broker without users_file")
         plugins: dict[str, Any] = {}
+        accounts: list[str] = []
         if opts.allow_anonymous:
             plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
         if opts.users_file is not None:
             plugins["amqtt.plugins.authentication.FileAuthPlugin"] = {"password_file": opts.users_file}
-        if opts.acl is not None or opts.subscribe_acl is not None:
-            subscribe = opts.subscribe_acl
-            if subscribe is None:
-                users = usernames(opts.users_file) if opts.users_file is not None else []
-                if opts.allow_anonymous:
-                    users.append("anonymous")
-                subscribe = {user: ["#"] for user in users}
-            # amqtt's plugin Config has no `subscribe_acl` field; `acl` is its (deprecated) name for it.
-            plugins["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"] = {
-                "publish_acl": opts.acl or {},
-                "acl": subscribe,
+            accounts += usernames(opts.users_file)
+        if opts.gateway_account is not None:
+            user, password = opts.gateway_account
+            plugins["gateway.mqtt.amqtt_ext.GatewayAccountPlugin"] = {"username": user, "password": password}
+            accounts.append(user)
+        if opts.acl is not None:
+            plugins["gateway.mqtt.amqtt_ext.AclPlugin"] = {
+                "publish": opts.acl.publish,
+                "subscribe": opts.acl.subscribe,
+                "accounts": [user for user in accounts if user != ANONYMOUS],
             }
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
         return {
@@ -137,14 +133,17 @@ class EmbeddedBroker:
         """Listen on host:port; raises BrokerStartError with a one-line reason."""
         if self._broker is not None:
             return
-        from amqtt.broker import Broker  # imported late: amqtt pulls in websockets, transitions, dacite
+        try:
+            from gateway.mqtt.amqtt_ext import GatewayBroker  # late: amqtt pulls in websockets, transitions, dacite
+        except ImportError as exc:
+            raise BrokerStartError(f"broker: {exc}") from exc
 
         _quiet_amqtt()
         config = self._config()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                broker = Broker(config)
+                broker = GatewayBroker(config)
         except Exception as exc:
             raise BrokerStartError(f"broker: invalid configuration: {_root_cause(exc)}") from exc
         broker.stream_connected = _closing(broker.stream_connected)
