@@ -21,7 +21,7 @@ from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.plates import PlateKey
 from gateway.mqtt.broker import EmbeddedBroker
 from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
-from gateway.mqtt.local import broker_options, broker_warnings
+from gateway.mqtt.local import broker_options, broker_warnings, local_tls
 from gateway.mqtt.topics import Topics, match
 from gateway.services.deadlines import Deadlines
 from gateway.services.housekeeping import Housekeeping
@@ -73,9 +73,7 @@ class Gateway:
                 status_topic=self.topics.status,
                 username=username,
                 password=password,
-                tls_ca=b.tls.ca if b.tls else None,
-                tls_cert=b.tls.cert if b.tls else None,
-                tls_key=b.tls.key if b.tls else None,
+                tls=local_tls(config, embedded),
                 subscriptions=(*self.ingress.subscriptions, (self.topics.requests, 1)),
                 # amqtt speaks 3.1.1 only; an external broker gets what the config asks (5 by default).
                 protocol=5 if not b.embedded and b.mqtt_version == "5" else 3,

@@ -120,15 +120,21 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 
 class MosquittoProcess:
-    """A mosquitto subprocess on a free port; stop()/start() keep the port (broker restart tests)."""
+    """A mosquitto subprocess on a free port; stop()/start() keep the port (broker restart tests).
 
-    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
+    `tls` = (CA, certificate, key) files make the listener TLS.
+    """
+
+    def __init__(self, workdir: Path, extra_conf: str = "", tls: tuple[Path, Path, Path] | None = None) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             pytest.skip("mosquitto is not installed (.ci/run installs it)")
         self.exe = exe
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
+        if tls is not None:
+            # Run as root, mosquitto reads the files after dropping to its own user, who may not read them.
+            extra_conf = f"cafile {tls[0]}\ncertfile {tls[1]}\nkeyfile {tls[2]}\nuser root\n{extra_conf}"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"

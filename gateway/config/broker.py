@@ -25,7 +25,11 @@ class BrokerConfig(StrictModel):
     password_file: str | None = Field(
         None, min_length=1, description="File whose first line is the password; instead of `password`."
     )
-    tls: TLSConfig | None = Field(None, description="TLS for the broker connection; unset: plain TCP.")
+    tls: TLSConfig | None = Field(
+        None,
+        description="External broker: TLS toward it, always verified (`tls = {}`: against the system CAs). "
+        "Embedded broker: `cert` + `key` make its listener TLS. Unset: plain TCP.",
+    )
     acl_file: str | None = Field(
         None,
         min_length=1,
@@ -60,6 +64,17 @@ class BrokerConfig(StrictModel):
                 problems.append((("users_file",), "required for the embedded broker unless allow_anonymous = true"))
             if self.users_file is not None and self.username is None:
                 problems.append((("username",), "required with users_file: the gateway's own account in it"))
+            if self.tls is not None:
+                if self.tls.cert is None:
+                    problems.append((("tls", "cert"), "the embedded broker's TLS listener needs cert and key"))
+                if self.tls.ca is not None:
+                    problems.append(
+                        (
+                            ("tls", "ca"),
+                            "the embedded broker takes cert and key only (it does not ask for client "
+                            "certificates); give the CA to its clients",
+                        )
+                    )
         else:
             for name in ("acl_file", "users_file"):
                 if getattr(self, name) is not None:

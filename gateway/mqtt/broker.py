@@ -12,6 +12,8 @@ Access control (``acl``, see gateway.mqtt.acl): publishing, subscribing and deli
 rules of the client's identity, anonymous clients included; a publish outside them is acknowledged and
 silently dropped by the broker, a refused filter gets SUBACK 0x80. ``acl=None`` means no access control
 (the tests' and benchmarks' open broker; the daemon always passes rules).
+
+TLS: ``tls_cert`` + ``tls_key`` make the listener TLS (client certificates are not asked for).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class BrokerOptions:
     users_file: str | None = None
     acl: Acl | None = None
     gateway_account: tuple[str, str] | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def hash_password(password: str) -> str:
@@ -124,10 +128,10 @@ class EmbeddedBroker:
                 "accounts": [user for user in accounts if user != ANONYMOUS],
             }
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
-        return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{opts.port}"}},
-            "plugins": plugins,
-        }
+        listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{opts.port}"}
+        if opts.tls_cert is not None or opts.tls_key is not None:
+            listener.update(ssl=True, certfile=opts.tls_cert, keyfile=opts.tls_key)
+        return {"listeners": {"default": listener}, "plugins": plugins}
 
     async def start(self) -> None:
         """Listen on host:port; raises BrokerStartError with a one-line reason."""

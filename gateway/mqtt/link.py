@@ -23,6 +23,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from structlog.typing import FilteringBoundLogger
 
+from gateway.mqtt.tls import TlsOptions, client_context
+
 __all__ = ["Incoming", "LinkOptions", "MqttLink"]
 
 # QoS>0 publishes in flight per connection: enough to fill a WAN round trip, small enough that the
@@ -43,9 +45,7 @@ class LinkOptions:
     status_topic: str
     username: str | None = None
     password: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls: TlsOptions | None = None  # None: plain TCP; otherwise always verified (gateway.mqtt.tls)
     keepalive: int = 30
     subscriptions: tuple[tuple[str, int], ...] = ()
     backoff_initial: float = 0.5
@@ -206,9 +206,6 @@ class MqttLink:
         # A fresh client per attempt: paho would otherwise re-send its own copies of unacknowledged
         # messages next to the ones this link puts back in its queue.
         opts = self.options
-        tls = None
-        if opts.tls_ca or opts.tls_cert or opts.tls_key:
-            tls = aiomqtt.TLSParameters(ca_certs=opts.tls_ca, certfile=opts.tls_cert, keyfile=opts.tls_key)
         client = aiomqtt.Client(
             opts.host,
             opts.port,
@@ -218,7 +215,7 @@ class MqttLink:
             protocol=aiomqtt.ProtocolVersion.V5 if opts.protocol == 5 else aiomqtt.ProtocolVersion.V311,
             will=aiomqtt.Will(opts.status_topic, b"offline", qos=1, retain=True),
             keepalive=opts.keepalive,
-            tls_params=tls,
+            tls_context=client_context(opts.tls) if opts.tls is not None else None,
             max_inflight_messages=_WINDOW,
             max_queued_outgoing_messages=2 * _WINDOW,
             socket_options=(_NODELAY,),

@@ -1,5 +1,5 @@
-"""The local broker as the config describes it: the embedded broker's options and rules, and the warnings an
-operator should see at start and from check-config."""
+"""The local broker as the config describes it: the embedded broker's options and rules, the TLS of the
+gateway's own link to it, and the warnings an operator should see at start and from check-config."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 from gateway.config import GatewayConfig
 from gateway.mqtt.acl import default_acl, load_acl
 from gateway.mqtt.broker import BrokerOptions, usernames
+from gateway.mqtt.tls import TlsOptions, tls_options
 
-__all__ = ["broker_options", "broker_warnings"]
+__all__ = ["broker_options", "broker_warnings", "local_tls"]
 
 # The name of the gateway's in-process account when [broker] username is unset and there is no users_file.
 GATEWAY_USER = "gateway"
@@ -41,7 +42,16 @@ def broker_options(config: GatewayConfig) -> BrokerOptions:
         users_file=b.users_file,
         acl=acl,
         gateway_account=account,
+        tls_cert=b.tls.cert if b.tls else None,
+        tls_key=b.tls.key if b.tls else None,
     )
+
+
+def local_tls(config: GatewayConfig, broker: BrokerOptions | None) -> TlsOptions | None:
+    """TLS of the gateway's link to the local broker: to its own embedded listener, that exact certificate."""
+    if broker is not None:
+        return TlsOptions(pin=broker.tls_cert) if broker.tls_cert is not None else None
+    return tls_options(config.broker.tls)
 
 
 def _loopback(host: str) -> bool:
