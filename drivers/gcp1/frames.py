@@ -209,6 +209,11 @@ class FrameParser:
         del buf[:i]
         return out
 
+    def clear(self) -> None:
+        """Forget a partial frame (the port was reopened: its bytes will never be completed)."""
+        self.skipped += len(self._buf)
+        self._buf.clear()
+
     def drop_partial(self) -> list[Frame]:
         """The line went quiet inside a candidate frame: drop its STX and rescan what followed it.
 
