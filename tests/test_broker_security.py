@@ -143,19 +143,85 @@ async def test_a_resumed_session_gets_the_retained_messages_of_its_own_subscript
                 assert await collect_until(display, f"{R}/slots/A-002") == [f"{R}/slots/A-001", f"{R}/slots/A-002"]
 
 
-async def test_a_resumed_session_replays_only_what_the_acl_lets_the_new_client_read(tmp_path: Path) -> None:
-    async with broker(site(tmp_path, "allow_anonymous = true")) as options, as_gateway(options) as gw:
-        await gw.publish("sensors/A-001/state", b'{"occupied": true}', qos=1, retain=True)
-        await gw.publish(f"{R}/slots/A-001", b"x", qos=1, retain=True)
-        async with as_gateway(
-            options, "shared-id", clean_session=False
-        ) as first:  # a persistent session of the gateway's account
-            await first.subscribe("sensors/#", qos=1)
-            await collect_until(first, "sensors/A-001/state")
-        # An anonymous client resumes it by its client id: it may not read sensors/#.
-        async with client(options, "shared-id", clean_session=False) as second:
-            await second.subscribe(f"{R}/slots/A-001", qos=1)
-            assert await collect_until(second, f"{R}/slots/A-001") == [f"{R}/slots/A-001"]
+# --- who may use a client id
+
+# Accounts that may read the gateway's state (op) and only write their own sensor (A-001), plus anonymous readers.
+SESSIONS_ACL = f"topic read {R}/slots/+\nuser gateway\ntopic readwrite #\nuser op\ntopic read {R}/#\n"
+SESSIONS_ACL += "user A-001\ntopic write sensors/A-001/state\n"
+
+
+def accounts_site(tmp_path: Path, *, anonymous: bool) -> GatewayConfig:
+    acl = acl_file(tmp_path, SESSIONS_ACL)
+    return site(
+        tmp_path,
+        f'users_file = "{users_file(tmp_path)}"\nusername = "gateway"\nacl_file = "{acl}"\n'
+        f"allow_anonymous = {str(anonymous).lower()}",
+    )
+
+
+async def refusal(c: aiomqtt.Client) -> str:
+    """The CONNACK refusal of a client that must not connect (identifier rejected reads as MQTT 5's 133)."""
+    with pytest.raises(aiomqtt.MqttError) as info:
+        async with c:
+            pass
+    return str(info.value)
+
+
+async def test_only_the_gateways_account_connects_with_the_gateways_client_ids(tmp_path: Path) -> None:
+    async with broker(accounts_site(tmp_path, anonymous=True)) as options, as_gateway(options, "gw1-local") as gw:
+        await gw.subscribe("sensors/+/state", qos=1)
+        for user, password, ident, clean in (
+            ("A-001", PASSWORDS["A-001"], "gw1-local", True),  # amqtt would drop the link's subscriptions
+            ("A-001", PASSWORDS["A-001"], "gw1-local", False),  # amqtt would take the link's connection over
+            ("op", PASSWORDS["op"], "gw1-local-in", False),
+            (None, None, "gw1-local", True),
+            (None, None, "gw1-anything", False),
+        ):
+            reason = await refusal(client(options, ident, user, password, clean_session=clean))
+            assert "Client identifier not valid" in reason, (user, ident, reason)
+        # A wrong password is refused before the client id counts: amqtt would first have deleted the session.
+        assert "Not authorized" in await refusal(client(options, "gw1-local", "gateway", "guess"))
+        async with (
+            as_gateway(options, "gw1-local-in"),  # the gateway's own account may use every id of the gateway
+            client(options, "A-001", "A-001", PASSWORDS["A-001"]) as device,
+        ):
+            await device.publish("sensors/A-001/state", b"{}", qos=1)
+            assert await collect_until(gw, "sensors/A-001/state") == ["sensors/A-001/state"]
+
+
+async def test_a_connected_session_is_taken_over_only_by_its_own_account(tmp_path: Path) -> None:
+    async with broker(accounts_site(tmp_path, anonymous=True)) as options, as_gateway(options) as gw:
+        async with client(options, "display", "op", PASSWORDS["op"], clean_session=False) as display:
+            await display.subscribe(f"{R}/slots/+", qos=1)
+            for user, password, clean in (
+                ("A-001", PASSWORDS["A-001"], False),
+                ("A-001", PASSWORDS["A-001"], True),
+                ("gateway", PASSWORDS["gateway"], False),  # not even the gateway's account: the session is op's
+                (None, None, False),  # an anonymous client may read R/slots/+, but not take op's session
+                (None, None, True),
+            ):
+                reason = await refusal(client(options, "display", user, password, clean_session=clean))
+                assert "Client identifier not valid" in reason, (user, clean, reason)
+            await gw.publish(f"{R}/slots/A-001", b"x", qos=1)
+            assert await collect_until(display, f"{R}/slots/A-001") == [f"{R}/slots/A-001"]
+        async with client(options, "display", "op", PASSWORDS["op"], clean_session=False) as display:
+            await display.subscribe(f"{R}/slots/+", qos=1)  # op itself, as ever
+            await gw.publish(f"{R}/slots/A-002", b"y", qos=1)
+            assert await collect_until(display, f"{R}/slots/A-002") == [f"{R}/slots/A-002"]
+
+
+async def test_queued_messages_reach_only_the_account_whose_session_they_wait_in(tmp_path: Path) -> None:
+    # Without anonymous clients: amqtt queues nothing for an offline session when allow_anonymous is set.
+    async with broker(accounts_site(tmp_path, anonymous=False)) as options, as_gateway(options) as gw:
+        async with client(options, "display", "op", PASSWORDS["op"], clean_session=False) as display:
+            await display.subscribe(f"{R}/slots/+", qos=1)
+        await gw.publish(f"{R}/slots/A-001", b"x", qos=1)
+        await gw.publish(f"{R}/slots/A-002", b"y", qos=1)
+        for clean in (False, True):  # A-001 may read nothing: it would get op's queue, or discard it
+            reason = await refusal(client(options, "display", "A-001", PASSWORDS["A-001"], clean_session=clean))
+            assert "Client identifier not valid" in reason, (clean, reason)
+        async with client(options, "display", "op", PASSWORDS["op"], clean_session=False) as display:
+            assert await collect_until(display, f"{R}/slots/A-002") == [f"{R}/slots/A-001", f"{R}/slots/A-002"]
 
 
 # --- who may publish and subscribe

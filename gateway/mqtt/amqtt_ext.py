@@ -2,12 +2,24 @@
 
 Imported only when the embedded broker starts: amqtt pulls in websockets, transitions and dacite.
 
-- ``GatewayBroker``: amqtt's CONNECT handling sends the connecting client the retained messages matching
-  *every* subscription filter in the broker, whoever subscribed it, without an ACL check (``Broker.
-  _handle_client_session``, after "Publish retained messages to a pre-existing session's subscriptions").
-  Here a connecting session gets the retained messages of its own subscriptions only, each filter checked
-  against the ACL again (a persistent session may be resumed by another account). A will is published only
-  where its client may publish (amqtt does not check it).
+- ``GatewayBroker``:
+  - Client ids. amqtt keeps sessions by client id and, before it checks the password of a CONNECT, deletes
+    (clean session) or rewrites (resume) the session under that id and takes its connection over: anyone
+    could kick the gateway's own link off, or silently empty its subscriptions. Here a CONNECT is
+    authenticated first, and refused (CONNACK "identifier rejected", nothing touched) when
+    - its client id starts with the gateway's prefix (``<gateway.id>-``: every link of the gateway) and the
+      client is not the gateway's own account;
+    - a session under that id exists and belongs to another identity. A session belongs to the identity that
+      created it (an account, or ANONYMOUS; see ``identity``): only that identity may resume it or take its
+      connection over, so an anonymous client never takes an account's session, nor an account an
+      anonymous one.
+  - Messages queued for an offline session are delivered on resume only where the client may read them.
+  - Retained messages: amqtt's CONNECT handling sends the connecting client the retained messages matching
+    *every* subscription filter in the broker, whoever subscribed it, without an ACL check (``Broker.
+    _handle_client_session``, after "Publish retained messages to a pre-existing session's subscriptions").
+    Here a connecting session gets the retained messages of its own subscriptions only, each filter checked
+    against the ACL again.
+  - A will is published only where its client may publish (amqtt does not check it).
 - ``AclPlugin``: the ACL of gateway.mqtt.acl, in place of amqtt's TopicAccessControlListPlugin, which lets
   everyone publish anything when the publish ACL is empty and lets a granted `a/+` subscribe to `a/#`.
 - ``GatewayAccountPlugin``: the gateway's own in-process account when there is no users_file.
@@ -16,17 +28,25 @@ Imported only when the embedded broker starts: amqtt pulls in websockets, transi
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
+from amqtt.utils import format_client_message, gen_client_id
 
 from gateway.mqtt.acl import ANONYMOUS, covers
 
 _HOOKED = (
+    "_initialize_client_session",
+    "_authenticate",
     "_publish_session_retained_messages",
     "_publish_retained_messages_for_subscription",
     "_client_message_loop",
@@ -35,18 +55,108 @@ _HOOKED = (
 )
 _missing = [name for name in _HOOKED if not callable(getattr(Broker, name, None))]
 if _missing:
-    # The retained-message fix hooks these; without them it would silently do nothing.
+    # The fixes hook these; without them they would silently do nothing.
     raise ImportError(f"amqtt's Broker lacks {', '.join(_missing)}: unsupported amqtt version")
 
 
-class GatewayBroker(Broker):  # type: ignore[misc]
-    """amqtt's Broker, with retained messages on CONNECT limited to the session's own subscriptions."""
+# Session.attributes key (amqtt keeps that dict for extensions): the identity that created the session.
+_OWNER = "gateway.owner"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+
+def identity(session: Session, accounts: Set[str]) -> str:
+    """Who a client is: its user name when that is an account (amqtt checked its password), else ANONYMOUS."""
+    return session.username if session.username in accounts else ANONYMOUS
+
+
+class GatewayBroker(Broker):  # type: ignore[misc]
+    """amqtt's Broker, with client ids bound to identities and the ACL on every delivery (see the module)."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        accounts: Iterable[str] = (),
+        gateway_user: str | None = None,
+        gateway_prefix: str | None = None,
+    ) -> None:
+        super().__init__(config)
+        self._accounts = frozenset(accounts) - {ANONYMOUS}
+        self._gateway_user = gateway_user
+        self._gateway_prefix = gateway_prefix
         self._replayed: Session | None = None
 
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        # amqtt 0.12.1's own, with `_admit` between reading CONNECT and touching any session.
+        where = format_client_message(address=remote_address, port=remote_port)
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except AMQTTError as exc:
+            self.logger.warning(f"[MQTT-3.1.0-1] {where}: Can't read first packet as CONNECT: {exc}")
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            self.logger.warning(f"Invalid connection from {where}")
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            self.logger.error(f"No data from {where} : {exc}")  # as amqtt; broker.py filters it as noise
+            raise AMQTTError(exc) from exc
+
+        refused = await self._admit(session)
+        if refused is not None:
+            code, reason = refused
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"{format_client_message(session=session)} refused: {reason}")
+
+        # Nothing suspends from `_admit`'s look at the sessions to amqtt registering this session (in
+        # `_handle_client_session`): no other CONNECT for this client id can come in between.
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            # As amqtt: the new CONNECT's will, keep-alive and credentials on the resumed session.
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
+
+    async def _admit(self, session: Session) -> tuple[int, str] | None:
+        """None when this CONNECT may go on, else the CONNACK return code refusing it and why."""
+        if not await super()._authenticate(session, None):
+            return NOT_AUTHORIZED, "bad credentials"  # amqtt's answer to them
+        who = identity(session, self._accounts)
+        client_id = session.client_id or ""
+        if self._gateway_prefix and client_id.startswith(self._gateway_prefix) and who != self._gateway_user:
+            return IDENTIFIER_REJECTED, "a client id of the gateway's own links, from another client"
+        existing = self._sessions.get(client_id)
+        if existing is not None and existing[0].attributes.get(_OWNER) != who:
+            return IDENTIFIER_REJECTED, "the session of this client id belongs to another client"
+        session.attributes[_OWNER] = who
+        return None
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        # Decided by `_admit` before the session was looked up (one password check per CONNECT); only a
+        # session created by an admitted CONNECT has an owner.
+        return _OWNER in session.attributes
+
     async def _publish_session_retained_messages(self, session: Session) -> None:
+        # Messages queued while the session was offline, checked again against who is resuming it.
+        queued = session.retained_messages
+        for message in [queued.get_nowait() for _ in range(queued.qsize())]:
+            if await self._topic_filtering(session, message.topic, Action.RECEIVE):
+                queued.put_nowait(message)
         # amqtt calls this on CONNECT, then replays every filter of the broker (skipped below for this
         # session), then enters the session's message loop, all without an await that suspends in between.
         self._replayed = None
@@ -104,7 +214,7 @@ class AclPlugin(BaseTopicPlugin):  # type: ignore[misc]
     ) -> bool:
         if session is None or not topic:
             return False
-        who = session.username if session.username in self._accounts else ANONYMOUS
+        who = identity(session, self._accounts)
         # Delivery (RECEIVE) is reading: the subscribe rules decide it too.
         granted = self._publish if action == Action.PUBLISH else self._subscribe
         return covers(granted.get(who, ()), topic)

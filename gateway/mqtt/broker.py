@@ -13,6 +13,10 @@ rules of the client's identity, anonymous clients included; a publish outside th
 silently dropped by the broker, a refused filter gets SUBACK 0x80. ``acl=None`` means no access control
 (the tests' and benchmarks' open broker; the daemon always passes rules).
 
+Client ids (see gateway.mqtt.amqtt_ext): a session belongs to the identity that created it, and only that
+identity may resume it or take its connection over; the ids starting with ``gateway_prefix`` are only for the
+account ``gateway_user``. Any other CONNECT with such an id is refused ("identifier rejected").
+
 TLS: ``tls_cert`` + ``tls_key`` make the listener TLS (client certificates are not asked for).
 """
 
@@ -54,6 +58,10 @@ class BrokerOptions:
     gateway_account: tuple[str, str] | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # The gateway's own links connect with client ids starting with this prefix (`<gateway.id>-`): only the
+    # account `gateway_user` may use them. None: no reserved ids.
+    gateway_prefix: str | None = None
+    gateway_user: str | None = None
 
 
 def hash_password(password: str) -> str:
@@ -103,7 +111,8 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._broker is not None
 
-    def _config(self) -> dict[str, Any]:
+    def _config(self) -> tuple[dict[str, Any], list[str]]:
+        """amqtt's configuration, and the accounts: the users whose password it checks."""
         opts = self.options
         if not opts.allow_anonymous and opts.users_file is None:
             raise BrokerStartError("broker: allow_anonymous is false and no users_file is set: nobody could connect")
@@ -131,7 +140,7 @@ class EmbeddedBroker:
         listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{opts.port}"}
         if opts.tls_cert is not None or opts.tls_key is not None:
             listener.update(ssl=True, certfile=opts.tls_cert, keyfile=opts.tls_key)
-        return {"listeners": {"default": listener}, "plugins": plugins}
+        return {"listeners": {"default": listener}, "plugins": plugins}, accounts
 
     async def start(self) -> None:
         """Listen on host:port; raises BrokerStartError with a one-line reason."""
@@ -143,11 +152,14 @@ class EmbeddedBroker:
             raise BrokerStartError(f"broker: {exc}") from exc
 
         _quiet_amqtt()
-        config = self._config()
+        config, accounts = self._config()
+        opts = self.options
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                broker = GatewayBroker(config)
+                broker = GatewayBroker(
+                    config, accounts=accounts, gateway_user=opts.gateway_user, gateway_prefix=opts.gateway_prefix
+                )
         except Exception as exc:
             raise BrokerStartError(f"broker: invalid configuration: {_root_cause(exc)}") from exc
         broker.stream_connected = _closing(broker.stream_connected)

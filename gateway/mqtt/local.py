@@ -44,6 +44,8 @@ def broker_options(config: GatewayConfig) -> BrokerOptions:
         gateway_account=account,
         tls_cert=b.tls.cert if b.tls else None,
         tls_key=b.tls.key if b.tls else None,
+        gateway_prefix=f"{config.gateway.id}-",
+        gateway_user=gateway_user,
     )
 
 
