@@ -156,12 +156,16 @@ class Writer:
             await self.stop()
 
     async def stop(self) -> None:
-        """Refuse new commands, answer the queued ones `unavailable`, close the store; safe to call twice."""
+        """Refuse new commands, fail the queued ones with WriterClosed, close the store; safe to call twice.
+
+        WriterClosed, not a reply: the caller must know that nothing was committed (a device message it
+        raised is then not acknowledged, and the broker delivers it again after the restart).
+        """
         self._closed = True
         while not self._queue.empty():
             _, fut = self._queue.get_nowait()
             if not fut.done():
-                fut.set_result(Reply.error("unavailable", "the gateway is shutting down"))
+                fut.set_exception(WriterClosed("the gateway stopped before committing this"))
         executor, self._executor = self._executor, None
         if executor is not None:
             if self._conn is not None:
