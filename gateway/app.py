@@ -1,9 +1,11 @@
 """The daemon: one ordered list of services (gateway/services/lifecycle.py), started in order, stopped in reverse.
 
-Order: embedded broker -> MQTT link -> writer (store open, config synced) -> read connection -> requests ->
-ingress -> publisher -> housekeeping -> deadlines. Nothing runs until all have started, so the link announces
-`online` only once the store is open; stopping in reverse means nothing is decided after the writer is gone,
-every reply of its last commit is queued before the link says `offline`, and `offline` is the last word.
+Order: embedded broker -> MQTT output link -> writer (store open, config synced) -> read connection -> requests ->
+ingress -> publisher -> housekeeping -> deadlines -> MQTT input link. Nothing runs until all have started, so
+the output link announces `online` only once the store is open (and once the input link's subscriptions are
+granted); stopping in reverse means the input stops first (nothing new is decided, what is being committed is
+still acknowledged), nothing is decided after the writer is gone, every reply of its last commit is queued
+before the output link flushes and says `offline`, and `offline` is the last word.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -20,6 +22,7 @@ from gateway.config import GatewayConfig
 from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.plates import PlateKey
 from gateway.mqtt.broker import EmbeddedBroker
+from gateway.mqtt.inbound import Handled, InboundLink, InboundOptions
 from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
 from gateway.mqtt.local import broker_options, broker_warnings, local_tls
 from gateway.mqtt.topics import Topics, match
@@ -65,6 +68,27 @@ class Gateway:
         self.writer = Writer(self.db, config, self.key, clock=clock)
         self.reads = ReadStore(self.db)
         self.ingress = Ingress(config, self.writer, self.reads, clock=clock)
+        tls = local_tls(config, embedded)
+        # amqtt speaks 3.1.1 only; an external broker gets what the config asks (5 by default).
+        protocol: Literal[3, 5] = 5 if not b.embedded and b.mqtt_version == "5" else 3
+        # Device input and requests on a connection of their own (docs/design-notes.md, "Two connections"):
+        # its reads pause under a deep backlog, which must not hold back the PUBACKs of our own publishes.
+        self.inbound = InboundLink(
+            InboundOptions(
+                host=b.host,
+                port=b.port,
+                client_id=f"{config.gateway.id}-local-in",
+                subscriptions=(*self.ingress.subscriptions, (self.topics.requests, 1)),
+                username=username,
+                password=password,
+                tls=tls,
+                protocol=protocol,
+                # The bundled broker lives and dies with this process: a session it kept would buy nothing.
+                persistent=not b.embedded,
+            ),
+            on_message=self._on_message,
+            log=log,
+        )
         self.link = MqttLink(
             LinkOptions(
                 host=b.host,
@@ -73,14 +97,13 @@ class Gateway:
                 status_topic=self.topics.status,
                 username=username,
                 password=password,
-                tls=local_tls(config, embedded),
-                subscriptions=(*self.ingress.subscriptions, (self.topics.requests, 1)),
-                # amqtt speaks 3.1.1 only; an external broker gets what the config asks (5 by default).
-                protocol=5 if not b.embedded and b.mqtt_version == "5" else 3,
+                tls=tls,
+                protocol=protocol,
             ),
-            on_message=self._on_message,
+            on_message=_no_input,
             log=log,
             name="mqtt-local",
+            online_when=self.inbound.subscribed,
         )
         self.requests = Requests(self.writer, self.reads, self.topics, {lot.id for lot in config.lots}, self.link)
         self.publisher = Publisher(self.link, self.topics, self.reads, self.writer, health=self._health, clock=clock)
@@ -99,6 +122,7 @@ class Gateway:
             self.publisher,
             self.housekeeping,
             self.deadlines,
+            self.inbound,
         ]
 
     def stop(self) -> None:
@@ -115,17 +139,25 @@ class Gateway:
             log.info("embedded broker", host=self.config.broker.host, port=self.config.broker.port)
         await serve(self.services(), self._stop, self._ready)
 
-    async def _on_message(self, msg: Incoming) -> None:
-        if match(self.topics.requests, msg.topic) is not None:
-            await self.requests.handle(msg)
-        else:
-            await self.ingress.handle(msg)
+    async def _on_message(self, msg: Incoming) -> Handled:
+        levels = match(self.topics.requests, msg.topic)
+        if levels is None:
+            return await self.ingress.handle(msg)
+        if msg.retain:
+            # A broker's stored copy of an old request (contract §3 v1.2): no decision, no reply.
+            self.ingress.reject("requests", levels[0], "retained", "a retained request is never a decision")
+            return None
+        return await self.requests.handle(msg)
 
     async def _health(self) -> dict[str, Any]:
         snapshots = {service.name: await service.health() for service in self.services()}
         return health_document(
             now=self.clock.wall(), uptime_s=self.clock.monotonic() - self.started, snapshots=snapshots
         )
+
+
+async def _no_input(msg: Incoming) -> None:
+    """The output link subscribes to nothing."""
 
 
 async def run_daemon(config: GatewayConfig) -> int:

@@ -406,3 +406,20 @@ async def test_mqtt5_response_topic_and_correlation_data(mosquitto: MosquittoPro
                 reply = await anext(aiter(operator.messages))
             assert reply.payload == b'{"status": "ok"}'
             assert getattr(reply.properties, "CorrelationData", None) == b"\x01\x02"
+
+
+async def test_shutdown_sends_what_is_queued_before_offline(broker: Broker) -> None:
+    link = MqttLink(options(broker), collector()[1])
+    async with observer(broker, "parking/gw1/#") as seen:
+        async with running(link):
+            await link.wait_connected(DEADLINE)
+            for n in range(500):  # far more than one window: most of it is still queued when the link stops
+                link.publish("parking/gw1/events", f"e{n}", droppable=False)
+        got: list[bytes] = []
+        async with asyncio.timeout(DEADLINE):
+            while not got or got[-1] != b"offline":
+                message = await seen.get()
+                if message.topic.value in ("parking/gw1/events", STATUS):
+                    got.append(bytes(message.payload))
+    assert got[0] == b"online"
+    assert got[1:] == [f"e{n}".encode() for n in range(500)] + [b"offline"]

@@ -14,7 +14,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiomqtt
 import structlog
@@ -25,7 +25,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.mqtt.tls import TlsOptions, client_context
 
-__all__ = ["Incoming", "LinkOptions", "MqttLink"]
+__all__ = ["Gate", "Incoming", "LinkOptions", "MqttLink"]
 
 # QoS>0 publishes in flight per connection: enough to fill a WAN round trip, small enough that the
 # messages to re-send after a broken connection stay few.
@@ -34,6 +34,8 @@ _WINDOW = 64
 # paho and aiomqtt (unlike asyncio transports) leave Nagle on: 88 ms instead of 0.4 ms per round trip.
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _GOODBYE_TIMEOUT = 2.0
+# On shutdown, what is queued (the last commit's replies and events) may take this long before `offline`.
+_FLUSH_S = 2.0
 _SUBACK_FAILURE = 0x80
 
 
@@ -52,6 +54,14 @@ class LinkOptions:
     backoff_max: float = 30.0
     queue_max: int = 10000
     protocol: Literal[3, 5] = 3
+
+
+class Gate(Protocol):
+    """What `online` waits for besides this connection (the input connection's subscriptions)."""
+
+    def is_set(self) -> bool: ...
+    async def wait_set(self) -> None: ...
+    async def wait_clear(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +98,11 @@ class MqttLink:
         log: FilteringBoundLogger | None = None,
         *,
         name: str = "mqtt",
+        online_when: Gate | None = None,
     ) -> None:
         self.name = name
         self.options = options
+        self._online_when = online_when
         self._on_message = on_message
         self._on_connect = on_connect
         self._log: FilteringBoundLogger = (log or structlog.get_logger("gateway.mqtt")).bind(link=options.client_id)
@@ -104,6 +116,7 @@ class MqttLink:
         self._sent = 0
         self._drop_warned = False
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
         self._up = asyncio.Event()
         self._client: aiomqtt.Client | None = None
 
@@ -168,7 +181,7 @@ class MqttLink:
         }
 
     async def wait_connected(self, timeout: float) -> None:
-        """Return once connected, subscribed and announced online; TimeoutError otherwise."""
+        """Return once connected, subscribed (also `online_when`) and announced online; TimeoutError otherwise."""
         async with asyncio.timeout(timeout):
             await self._up.wait()
 
@@ -225,35 +238,14 @@ class MqttLink:
         return client
 
     async def _connect(self, client: aiomqtt.Client) -> None:
-        # paho connects in an executor thread that cancellation cannot stop; let the attempt finish
-        # and close it, so that no socket or aiomqtt helper task outlives a cancelled run().
-        attempt = asyncio.ensure_future(client.__aenter__())
-        try:
-            await asyncio.shield(attempt)
-        except asyncio.CancelledError:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await attempt
-                await self._disconnect(client)
-            raise
+        await open_client(client)
 
     async def _disconnect(self, client: aiomqtt.Client) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            await client.__aexit__(None, None, None)
-        await self._reap(client)
+        await disconnect_client(client)
 
     @staticmethod
     async def _reap(client: aiomqtt.Client) -> None:
-        # aiomqtt only schedules the cancellation of its keepalive task; wait for it to be gone.
-        misc = client._misc_task
-        if misc is not None and not misc.done():
-            misc.cancel()
-            await asyncio.wait([misc])
-        # The link has logged why the connection ended; mark aiomqtt's futures as seen, or asyncio reports
-        # "Future exception was never retrieved" when they are collected.
-        for name in ("_connected", "_disconnected"):
-            fut = getattr(client, name, None)
-            if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
-                fut.exception()
+        await reap_client(client)
 
     def _mark_down(self) -> None:
         self.connected = False
@@ -265,13 +257,15 @@ class MqttLink:
             if opts.subscriptions:
                 granted = await client.subscribe(list(opts.subscriptions))
                 self._check_granted(granted)
-            await client.publish(opts.status_topic, b"online", qos=1, retain=True)
+            if self._online_when is None:
+                await client.publish(opts.status_topic, b"online", qos=1, retain=True)
             if self._on_connect is not None:
                 await self._on_connect()
             self._queue_retained_state()
             self.connected = True
             self._drop_warned = False
-            self._up.set()
+            if self._online_when is None:
+                self._up.set()
             self._log.info("mqtt.connected", host=opts.host, port=opts.port, reconnects=self.reconnects)
             await self._pump(client)
         except asyncio.CancelledError:
@@ -300,10 +294,17 @@ class MqttLink:
         sends: set[asyncio.Task[None]] = set()
         incoming = asyncio.create_task(self._receive(client))
         outgoing = asyncio.create_task(self._send_all(client, broken, sends))
+        helpers = [incoming, outgoing]
+        if self._online_when is not None:
+            helpers.append(asyncio.create_task(self._announce(client, self._online_when, broken)))
         try:
-            await asyncio.wait([incoming, outgoing, broken], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*helpers, broken], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            incoming.cancel()
+            await self._flush(broken)
+            raise
         finally:
-            tasks = [incoming, outgoing, *sends]
+            tasks = [*helpers, *sends]
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
@@ -312,6 +313,35 @@ class MqttLink:
             broken.result()  # raises the MqttError of the failed publish
         # Only the receiver ends by itself: with MqttError when the connection drops, or with a bug.
         raise incoming.exception() or aiomqtt.MqttError("receiver stopped")
+
+    async def _announce(self, client: aiomqtt.Client, gate: Gate, broken: asyncio.Future[None]) -> None:
+        """`online` while the gate is set, `offline` while it is not (the Last Will covers this connection)."""
+        status = self.options.status_topic
+        try:
+            while True:
+                await gate.wait_set()
+                await client.publish(status, b"online", qos=1, retain=True)
+                self._up.set()
+                self._log.info("mqtt.online")
+                await gate.wait_clear()
+                self._up.clear()
+                await client.publish(status, b"offline", qos=1, retain=True)
+        except aiomqtt.MqttError as exc:
+            if not broken.done():
+                broken.set_exception(exc)
+
+    async def _flush(self, broken: asyncio.Future[None]) -> None:
+        """Shutting down: let what is queued go out, for up to _FLUSH_S, before the link says `offline`."""
+        if not self._queue and not self._inflight:
+            return
+        self._idle.clear()
+        idle = asyncio.create_task(self._idle.wait())
+        waits: list[asyncio.Future[Any]] = [idle, broken]
+        await asyncio.wait(waits, timeout=_FLUSH_S, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        await asyncio.wait([idle])
+        if self._queue or self._inflight:
+            self._log.warning("mqtt.unsent_at_shutdown", messages=self.queue_depth)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         handled = 0
@@ -381,6 +411,8 @@ class MqttLink:
         finally:
             window.release()
         del self._inflight[ident]
+        if not self._inflight and not self._queue:
+            self._idle.set()
 
     def _properties(self, item: _Outgoing) -> Properties | None:
         if self.options.protocol != 5 or (item.response_topic is None and item.correlation_data is None):
@@ -403,3 +435,36 @@ class MqttLink:
             back.append(item)
         self._inflight.clear()
         self._queue.extendleft(reversed(back))
+
+
+async def open_client(client: aiomqtt.Client) -> None:
+    """Connect; paho connects in an executor thread that cancellation cannot stop, so a cancelled attempt is
+    let finish and closed: no socket or aiomqtt helper task outlives it."""
+    attempt = asyncio.ensure_future(client.__aenter__())
+    try:
+        await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await attempt
+            await disconnect_client(client)
+        raise
+
+
+async def disconnect_client(client: aiomqtt.Client) -> None:
+    with contextlib.suppress(aiomqtt.MqttError):
+        await client.__aexit__(None, None, None)
+    await reap_client(client)
+
+
+async def reap_client(client: aiomqtt.Client) -> None:
+    # aiomqtt only schedules the cancellation of its keepalive task; wait for it to be gone.
+    misc = client._misc_task
+    if misc is not None and not misc.done():
+        misc.cancel()
+        await asyncio.wait([misc])
+    # The owner has logged why the connection ended; mark aiomqtt's futures as seen, or asyncio reports
+    # "Future exception was never retrieved" when they are collected.
+    for name in ("_connected", "_disconnected"):
+        fut = getattr(client, name, None)
+        if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
+            fut.exception()

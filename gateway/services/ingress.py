@@ -1,7 +1,9 @@
 """Device messages in: topic -> driver -> typed observation -> sensor tracker or writer command.
 
 Bad input is counted per (source, reason), logged at most once per source per minute, and kept in the store
-(the last N, via the writer). It never reaches a decision.
+(the last N, via the writer). It never reaches a decision; nor does a retained camera read (contract §3 v1.2).
+`handle` tells the MQTT link when a message may be acknowledged: a sensor message once the tracker has it,
+a camera read once its decision is committed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange, SensorChanges
 from gateway.core.plates import PlateError, confusion_key, normalise
 from gateway.core.sensors import SensorTracker, Verdict
+from gateway.mqtt.inbound import Handled
 from gateway.mqtt.link import Incoming
 from gateway.mqtt.topics import device_level, match
 from gateway.store.reads import ReadStore
@@ -36,6 +39,7 @@ DETAIL_MAX = 200
 MAX_TRACKED_SOURCES = 10_000
 MAX_IN_FLIGHT = 1024  # commands handed to the writer and not yet committed
 SENSOR_BATCH = 128  # debounced transitions per writer command: one task, one future, one savepoint for many
+DECISIONS = ("cameras", "platerecognizer")  # ingress kinds whose messages are decisions
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +69,7 @@ class Ingress:
         self._unknown_alerted: dict[str, float] = {}
         self._last_logged: dict[str, float] = {}
         self._wakeup = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()
         self._pending: deque[Command] = deque()
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
@@ -91,7 +95,8 @@ class Ingress:
             "decisions": dict(self.decisions),
         }
 
-    async def handle(self, msg: Incoming) -> None:
+    async def handle(self, msg: Incoming) -> Handled:
+        """None once the message is handled; for a camera read, a future that resolves once it is committed."""
         # Wall time judges device timestamps and is what the rejection log records; timers run on monotonic.
         now = self._clock.wall()
         mono = self._clock.monotonic()
@@ -101,11 +106,19 @@ class Ingress:
                 continue
             device = levels[device_level(route.kind)]
             try:
+                if msg.retain and route.kind in DECISIONS:
+                    # A broker's stored copy of an old read: acting on it would open a barrier for nobody.
+                    raise Rejected("retained", "a retained camera read is never a decision")
                 self._dispatch(route.kind, device, msg.payload, now, mono)
             except Rejected as exc:
                 self._reject(route.kind, device, exc.reason, exc.detail, now, mono)
-            await self._submit_pending()
-            return
+            decisions = [task for cmd, task in await self._submit_pending() if isinstance(cmd, Enter | Exit)]
+            return _all(decisions)
+        return None
+
+    def reject(self, kind: str, device: str, reason: str, detail: str) -> None:
+        """Count, log and record a rejected input that did not come through `handle` (a retained request)."""
+        self._reject(kind, device, reason, detail, self._clock.wall(), self._clock.monotonic())
 
     def _dispatch(self, kind: IngressKind, device: str, payload: bytes, now: float, mono: float) -> None:
         if kind == "sensors":
@@ -177,28 +190,32 @@ class Ingress:
             self._last_logged[source] = mono
             log.warning("input rejected", source=source, reason=reason, detail=detail[:DETAIL_MAX])
 
-    async def _submit_pending(self) -> None:
+    async def _submit_pending(self) -> list[tuple[Command, asyncio.Task[bool]]]:
         """Hand queued commands to the writer without awaiting their commit, at most MAX_IN_FLIGHT at once.
 
-        Waiting for a free place holds up this message's caller, the MQTT receive loop, and with it the PUBACK:
-        a writer that falls behind slows the broker down instead of piling up tasks in memory.
+        Waiting for a free place holds up this message's caller, the MQTT receive loop: a writer that falls
+        behind slows the intake down instead of piling up tasks in memory. Each task says whether it committed.
         """
+        submitted: list[tuple[Command, asyncio.Task[bool]]] = []
         while self._pending:
             cmd = self._pending.popleft()
             await self._in_flight.acquire()
             task = asyncio.create_task(self._submit(cmd))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            submitted.append((cmd, task))
+        return submitted
 
-    async def _submit(self, cmd: Command) -> None:
+    async def _submit(self, cmd: Command) -> bool:
         try:
             reply = await self._writer.submit(cmd)
-            if isinstance(cmd, Enter | Exit):
-                self.decisions[reply.code or "ok"] += 1
         except WriterClosed:
-            pass  # shutting down: the device repeats its report, the camera its read
+            return False  # shutting down: a persistent session brings the read again, the device its report
         finally:
             self._in_flight.release()
+        if isinstance(cmd, Enter | Exit):
+            self.decisions[reply.code or "ok"] += 1
+        return True
 
     async def run(self) -> None:
         """Commit debounced sensor transitions when due; flush the rejection log once a second."""
@@ -231,3 +248,27 @@ class Ingress:
             if self._pending_rejections:
                 items, self._pending_rejections = self._pending_rejections, []
                 await self._writer.submit(RecordRejections(items=tuple(items)))
+
+
+def _all(tasks: list[asyncio.Task[bool]]) -> Handled:
+    """None without tasks; else one future: True once every task committed, False if one did not."""
+    if not tasks:
+        return None
+    if len(tasks) == 1:
+        return tasks[0]
+    done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    left = [len(tasks)]
+
+    def one(task: asyncio.Task[bool]) -> None:
+        if done.done():
+            return
+        if task.cancelled() or task.exception() is not None or not task.result():
+            done.set_result(False)
+            return
+        left[0] -= 1
+        if not left[0]:
+            done.set_result(True)
+
+    for task in tasks:
+        task.add_done_callback(one)
+    return done

@@ -1,4 +1,8 @@
-"""Requests on R/request/<verb> (contract §3.3): validate, decide through the writer, reply after commit."""
+"""Requests on R/request/<verb> (contract §3.3): validate, decide through the writer, reply after commit.
+
+`handle` gives the MQTT link a future that resolves once the request's outcome is committed (or needed no
+commit), so that its PUBACK follows the decision; False when the writer stopped first.
+"""
 
 from __future__ import annotations
 
@@ -94,7 +98,7 @@ class Requests:
         self.link = link
         self.handled = 0
         self.invalid = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()
         self._stopping = False
 
     async def start(self) -> None:
@@ -115,16 +119,21 @@ class Requests:
     async def health(self) -> dict[str, Any]:
         return {"handled": self.handled, "invalid": self.invalid, "in_flight": len(self._tasks)}
 
-    async def handle(self, msg: Incoming) -> None:
+    async def handle(self, msg: Incoming) -> asyncio.Future[bool]:
         if self._stopping:
-            return  # shutting down: no decision starts now
+            # Shutting down: no decision starts now, and the request is not acknowledged.
+            refused: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            refused.set_result(False)
+            return refused
         verb = msg.topic.rsplit("/", 1)[-1]
         task = asyncio.create_task(self._serve(verb, msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _serve(self, verb: str, msg: Incoming) -> None:
-        transaction, reply = await self._answer(verb, msg.payload)
+    async def _serve(self, verb: str, msg: Incoming) -> bool:
+        """Answer the request; whether its outcome is final (committed, or needing no commit)."""
+        transaction, reply, final = await self._answer(verb, msg.payload)
         self.handled += 1
         if not reply.ok and reply.code == "invalid_request":
             self.invalid += 1
@@ -135,27 +144,29 @@ class Requests:
             correlation_data=msg.correlation_data,
             droppable=False,
         )
+        return final
 
-    async def _answer(self, verb: str, payload: bytes) -> tuple[str | None, Reply]:
+    async def _answer(self, verb: str, payload: bytes) -> tuple[str | None, Reply, bool]:
         transaction: str | None = None
         try:
             if len(payload) > MAX_REQUEST:
-                return None, Reply.error("invalid_request", f"request larger than {MAX_REQUEST} bytes")
+                return None, Reply.error("invalid_request", f"request larger than {MAX_REQUEST} bytes"), True
             doc = json.loads(payload, parse_constant=_no_constant)
             if isinstance(doc, dict) and isinstance(doc.get("transaction"), str):
                 transaction = doc["transaction"][:128]
             if verb in LATER:
-                return transaction, Reply.error("invalid_request", f"{verb!r} is not supported by this release")
+                return transaction, Reply.error("invalid_request", f"{verb!r} is not supported by this release"), True
             model = VERBS.get(verb)
             if model is None:
-                return transaction, Reply.error("invalid_request", f"unknown verb {verb!r}")
+                return transaction, Reply.error("invalid_request", f"unknown verb {verb!r}"), True
             req = model.model_validate(doc)
         except (ValueError, RecursionError) as exc:
-            return transaction, Reply.error("invalid_request", _problem(exc))
+            return transaction, Reply.error("invalid_request", _problem(exc)), True
         try:
-            return transaction, await self._do(verb, req)
+            return transaction, await self._do(verb, req), True
         except WriterClosed:
-            return transaction, Reply.error("unavailable", "the gateway is shutting down")
+            # Not committed: with a persistent session the broker delivers the request again after the restart.
+            return transaction, Reply.error("unavailable", "the gateway is shutting down"), False
 
     async def _do(self, verb: str, req: _Request) -> Reply:
         if isinstance(req, AvailabilityRequest):
