@@ -1,9 +1,13 @@
 """Plate Recognizer Stream, its webhook JSON republished on `cameras/<camera_id>/platerecognizer`.
 
 `{"hook": {...}, "data": {"camera_id", "filename", "timestamp", "results": [{"plate", "score",
-"candidates": [{"plate", "score"}, ...]}, ...]}}` gives one `PlateRead` per result. Stream sends no event
-id, so one is derived from what stays the same when a webhook is replayed: the camera, the frame
-(`data.filename`, else `data.timestamp`) and the plate.
+"candidates": [{"plate", "score"}, ...]}, ...]}}` gives at most one `PlateRead`: a frame shows the car in the
+lane and, often, plates parked in the background; one frame is one decision. Every result is validated (one
+malformed result rejects the message), then the best is kept: the highest `score`; a result without a score
+ranks below every scored one; on a tie the earlier result wins (Stream lists the most prominent first). A
+frame without results yields None: nothing to decide, nothing wrong.
+Stream sends no event id, so one is derived from what stays the same when a webhook is replayed: the camera
+and the frame (`data.filename`, else `data.timestamp`) — not the plate text, not the result's place.
 Stream ranks candidates best first and may send more than we keep: the first ten are kept, not rejected.
 """
 
@@ -27,7 +31,7 @@ from drivers.observations import (
 )
 
 
-def parse_platerecognizer(camera_id: str, payload: bytes, *, now: float) -> list[PlateRead]:
+def parse_platerecognizer(camera_id: str, payload: bytes, *, now: float) -> PlateRead | None:
     """Validate one Stream webhook; `data.camera_id`, when present, must be the topic's camera."""
     check_id(camera_id, "camera id", "bad_device_id")
     obj = load_object(payload)
@@ -42,10 +46,15 @@ def parse_platerecognizer(camera_id: str, payload: bytes, *, now: float) -> list
     results = field(data, "results", required=True)
     if not isinstance(results, list):
         raise Rejected("wrong_type", "field 'data.results' must be an array")
-    return [_read(camera_id, frame, i, ts, as_object(r, "data.results[]")) for i, r in enumerate(results)]
+    # The frame identifies the detection; the plate text does not: a webhook re-sent with a different reading
+    # of the same car must be the same event.
+    event_id = hashlib.sha256(f"{camera_id}|{frame}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    reads = [_read(camera_id, event_id, ts, as_object(r, "data.results[]")) for r in results]
+    # max() keeps the first of equal keys: ties go to the earlier result.
+    return max(reads, key=lambda r: -1.0 if r.confidence is None else r.confidence, default=None)
 
 
-def _read(camera_id: str, frame: str, index: int, ts: float, result: dict[str, object]) -> PlateRead:
+def _read(camera_id: str, event_id: str, ts: float, result: dict[str, object]) -> PlateRead:
     plate = normalise_plate(field(result, "plate", required=True), "results[].plate")
     score = field(result, "score", required=False)
     raw_candidates = field(result, "candidates", required=False)
@@ -59,12 +68,9 @@ def _read(camera_id: str, frame: str, index: int, ts: float, result: dict[str, o
             entry_score = field(entry, "score", required=False)
             if entry_score is not None:
                 as_confidence(entry_score, "results[].candidates[].score")
-    # The frame and the result's place in it identify a detection; the plate text does not: a webhook re-sent
-    # with a different reading of the same car must be the same event.
-    digest = hashlib.sha256(f"{camera_id}|{frame}|{index}".encode("utf-8", "surrogatepass"))
     return PlateRead(
         camera_id=camera_id,
-        event_id=digest.hexdigest()[:24],
+        event_id=event_id,
         plate=plate,
         confidence=None if score is None else as_confidence(score, "results[].score"),
         ts=ts,

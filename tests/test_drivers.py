@@ -334,39 +334,48 @@ def stream_webhook(camera_id: str = "cam-in1", **data: Any) -> dict[str, Any]:
 
 
 def test_platerecognizer_read() -> None:
-    reads = parse_platerecognizer("cam-in1", dumps(stream_webhook()), now=NOW)
-    expected_id = hashlib.sha256(b"cam-in1|cam-in1_screenshots/26-11-25/10-00-00.123456.jpg|0").hexdigest()[:24]
-    assert reads[0].ts == pytest.approx(TEN + 0.123456)
-    assert reads == [PlateRead("cam-in1", expected_id, "AB123CD", 0.902, reads[0].ts, ("AB123CD", "A8123CD"))]
+    read = parse_platerecognizer("cam-in1", dumps(stream_webhook()), now=NOW)
+    expected_id = hashlib.sha256(b"cam-in1|cam-in1_screenshots/26-11-25/10-00-00.123456.jpg").hexdigest()[:24]
+    assert read is not None and read.ts == pytest.approx(TEN + 0.123456)
+    assert read == PlateRead("cam-in1", expected_id, "AB123CD", 0.902, read.ts, ("AB123CD", "A8123CD"))
 
 
-def test_platerecognizer_event_id_is_stable_and_per_result() -> None:
+def test_platerecognizer_frame_yields_its_best_result() -> None:
     body = stream_webhook()
-    body["data"]["results"].append({"plate": "zz999zz", "score": 0.5})
-    first = parse_platerecognizer("cam-in1", dumps(body), now=NOW)
-    replay = parse_platerecognizer("cam-in1", dumps(body), now=NOW + 10)
-    assert [r.event_id for r in first] == [r.event_id for r in replay]
-    assert len({r.event_id for r in first}) == 2
-    assert first[1] == PlateRead("cam-in1", first[1].event_id, "ZZ999ZZ", 0.5, first[0].ts, ())
+    results = body["data"]["results"]
+    results.insert(0, {"plate": "zz999zz", "score": 0.5})  # parked in the background
+    results.append({"plate": "nn111nn"})  # no score: below every scored result
+    results.append({"plate": "tt222tt", "score": 0.902})  # a tie: the earlier result wins
+    best = parse_platerecognizer("cam-in1", dumps(body), now=NOW)
+    replay = parse_platerecognizer(
+        "cam-in1", dumps({**body, "data": {**body["data"], "results": results[::-1]}}), now=NOW
+    )
+    assert best is not None and replay is not None
+    assert best.plate == "AB123CD" and replay.plate == "TT222TT"
+    assert best.event_id == replay.event_id  # one frame, one event, whichever result is best
+    unscored = [{"plate": "nn111nn"}, {"plate": "mm333mm"}]
+    only = parse_platerecognizer("cam-in1", dumps(stream_webhook(results=unscored)), now=NOW)
+    assert only is not None and only.plate == "NN111NN" and only.confidence is None
 
 
 def test_platerecognizer_without_filename_hashes_the_timestamp() -> None:
     body = stream_webhook()
     del body["data"]["filename"]
     del body["data"]["camera_id"]  # optional: the topic names the camera
-    [read] = parse_platerecognizer("cam-in1", dumps(body), now=NOW)
-    assert read.event_id == hashlib.sha256(b"cam-in1|2026-11-25T10:00:00.123456Z|0").hexdigest()[:24]
+    read = parse_platerecognizer("cam-in1", dumps(body), now=NOW)
+    assert read is not None
+    assert read.event_id == hashlib.sha256(b"cam-in1|2026-11-25T10:00:00.123456Z").hexdigest()[:24]
 
 
 def test_platerecognizer_keeps_ten_best_candidates() -> None:
     body = stream_webhook()
     body["data"]["results"][0]["candidates"] = [{"plate": f"AB{i:03d}CD"} for i in range(15)]
-    [read] = parse_platerecognizer("cam-in1", dumps(body), now=NOW)
-    assert read.candidates == tuple(f"AB{i:03d}CD" for i in range(10))
+    read = parse_platerecognizer("cam-in1", dumps(body), now=NOW)
+    assert read is not None and read.candidates == tuple(f"AB{i:03d}CD" for i in range(10))
 
 
 def test_platerecognizer_empty_results() -> None:
-    assert parse_platerecognizer("cam-in1", dumps(stream_webhook(results=[])), now=NOW) == []
+    assert parse_platerecognizer("cam-in1", dumps(stream_webhook(results=[])), now=NOW) is None
 
 
 @pytest.mark.parametrize(
@@ -513,6 +522,7 @@ def test_platerecognizer_resent_frame_keeps_its_event_id_whatever_the_reading() 
                         "results": [{"plate": plate, "score": 0.9}]}}  # fmt: skip
         return json.dumps(doc).encode()
 
-    (first,) = parse_platerecognizer("cam-in1", hook("ab123cd"), now=NOW)
-    (misread,) = parse_platerecognizer("cam-in1", hook("a8123cd"), now=NOW)
+    first = parse_platerecognizer("cam-in1", hook("ab123cd"), now=NOW)
+    misread = parse_platerecognizer("cam-in1", hook("a8123cd"), now=NOW)
+    assert first is not None and misread is not None
     assert first.plate != misread.plate and first.event_id == misread.event_id

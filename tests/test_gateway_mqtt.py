@@ -210,3 +210,24 @@ async def test_heartbeats_touch_memory_not_the_disk(tmp_path: Path, mosquitto: M
         assert gw.writer.commits == commits
         assert wal.stat().st_size == size
         assert gw.ingress.tracker.last_seen("A-002") is not None  # the heartbeats were seen, in memory
+
+
+async def test_a_plate_recognizer_frame_is_one_decision_for_its_best_result(tmp_path: Path) -> None:
+    # The car in the lane and two plates parked behind it: one entry, for the best score, not three.
+    cfg = site_config(tmp_path / "state", port=free_port(), embedded=True)
+    results = [
+        {"plate": "bg111aa", "score": 0.62},
+        {"plate": "ab123cd", "score": 0.91},
+        {"plate": "bg222bb"},
+        {"plate": "bg333cc", "score": 0.91},
+    ]
+    frame = {"data": {"camera_id": "cam-in1", "timestamp": now_iso(), "filename": "f.jpg", "results": results}}
+    async with running(cfg), observer(cfg.broker.port) as obs:
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        await obs.pub("cameras/cam-in1/platerecognizer", frame)
+        await obs.wait_for(lambda: obs.events("session.started"))
+        await obs.pub(f"{R}/request/availability", {"transaction": "a1", "lot": "lot1"})  # after the frame's commit
+        await obs.wait_for(lambda: any(t == f"{R}/response/availability" for t, _, _ in obs.messages))
+        assert len(obs.events("session.started")) == 1
+    sessions = reader(cfg).execute("SELECT plate FROM sessions").fetchall()
+    assert [row["plate"] for row in sessions] == ["AB123CD"]

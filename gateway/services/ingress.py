@@ -128,8 +128,9 @@ class Ingress:
         elif kind == "cameras":
             self._plate(parse_json_camera(device, payload, now=now), mono)
         else:
-            for read in parse_platerecognizer(device, payload, now=now):
-                self._plate(read, mono)
+            best = parse_platerecognizer(device, payload, now=now)
+            if best is not None:
+                self._plate(best, mono)
 
     def _sensor(self, obs: SensorObservation, mono: float) -> None:
         if obs.sensor_id not in self.sensors:
