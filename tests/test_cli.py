@@ -53,6 +53,26 @@ def test_check_config_ok_and_errors(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
+def test_check_config_names_field_errors_and_cross_references_in_one_run(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[gateway]\nid = "gw1"\n[broker]\nallow_anonymous = true\nport = 0\n'
+        '[[lots]]\nid = "lot1"\n[[lots.zones]]\nid = "A"\nslots = [{ ids = "A-1..A-5" }, { ids = "A-3" }]\n'
+        '[[lots.zones]]\nid = "B"\nslots = [{ ids = "B-1", type = "no spaces" }]\n'
+        '[[gates]]\nid = "in1"\nlot = "lot9"\ndirection = "entry"\n'
+    )
+    res = cli("check-config", str(bad))
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert any(line.startswith("config error: broker.port:") for line in lines), lines
+    assert any(line.startswith("config error: lots[0].zones[1].slots[0].type:") for line in lines), lines
+    assert "config error: gates[0].lot: unknown lot 'lot9'" in lines
+    assert any(
+        line.startswith("config error: lots[0].zones[0].slots[1].ids: duplicate slot id 'A-3'") for line in lines
+    )
+    assert len(lines) == 4 and "Traceback" not in res.stderr
+
+
 def _run_daemon(config: Path) -> str:
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "run", "--config", str(config)],

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gateway.config.base import ConfigError, Loc, Problems, format_loc
-from gateway.config.model import GatewayConfig
+from gateway.config.model import GatewayConfig, cross_check_raw
 
 SYSTEM_CONFIG_PATH = Path("/etc/parking-gateway/gateway.toml")
 
@@ -51,7 +51,14 @@ def parse_config(text: str, source: str = "<string>") -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_error_lines(exc)) from None
+        lines = _error_lines(exc)
+    # A field error stops pydantic before the cross-checks: run them on what did validate, so that one
+    # run names every problem. When only the cross-checks failed they are in `lines` already.
+    for loc, message in cross_check_raw(data):
+        line = f"{format_loc(loc)}: {message}"
+        if line not in lines:
+            lines.append(line)
+    raise ConfigError(lines)
 
 
 def load_config(path: str | Path) -> GatewayConfig:
