@@ -34,6 +34,7 @@ from gateway.services.publisher import Publisher, health_document
 from gateway.services.requests import Requests
 from gateway.store.reads import ReadStore
 from gateway.store.schema import db_path
+from gateway.store.state import StateLock, private_dir
 from gateway.store.writer import Writer
 
 log = structlog.get_logger("gateway")
@@ -52,7 +53,8 @@ class Gateway:
         self.config = config
         self.clock = clock
         state = config.state_path()
-        state.mkdir(parents=True, exist_ok=True)
+        private_dir(state)
+        self.lock = StateLock(state)
         self.key = PlateKey.load_or_create(config.plate_key_path())
         self.db = db_path(state)
         self.topics = Topics(f"{config.gateway.topic_root}/{config.gateway.id}")
@@ -133,11 +135,16 @@ class Gateway:
         await self._ready.wait()
 
     async def run(self) -> None:
+        # One daemon per store (guarantee 7): before any service starts, the embedded broker's listener too.
+        self.lock.acquire()
         for warning in broker_warnings(self.config):
             log.warning(warning)
         if self.broker is not None:
             log.info("embedded broker", host=self.config.broker.host, port=self.config.broker.port)
-        await serve(self.services(), self._stop, self._ready)
+        try:
+            await serve(self.services(), self._stop, self._ready)
+        finally:
+            self.lock.release()
 
     async def _on_message(self, msg: Incoming) -> Handled:
         levels = match(self.topics.requests, msg.topic)

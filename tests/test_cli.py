@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -184,3 +185,34 @@ def test_passwd_writes_a_users_file_the_broker_accepts(tmp_path: Path) -> None:
     assert gone.returncode == 0 and len(users.read_text().splitlines()) == 1
     bad = cli("passwd", str(users), "bad:name", "--delete")
     assert bad.returncode == 2 and "user name" in bad.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+async def test_one_daemon_per_store_with_private_files(tmp_path: Path, umask: int) -> None:
+    from tests.harness import R, observer
+
+    config = site(tmp_path)
+    port = int(next(line for line in config.read_text().splitlines() if line.startswith("port")).split("=")[1])
+    cmd = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
+    pipe = asyncio.subprocess.PIPE
+    first = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, stderr=pipe, umask=umask)
+    try:
+        await asyncio.to_thread(wait_for_port, "127.0.0.1", port, 20)
+        async with observer(port) as obs:
+            await obs.wait_for(lambda: obs.state(f"{R}/status") == "online", timeout=20)
+            second = await asyncio.create_subprocess_exec(*cmd, stdout=pipe, stderr=pipe, umask=umask)
+            _, raw = await asyncio.wait_for(second.communicate(), 30)
+            lock, err = tmp_path / "state" / "gateway.lock", raw.decode()
+            assert second.returncode == 1, err
+            assert f"the lock {lock} is held" in err and "Traceback" not in err
+            reply = await obs.request("enter", {"vehicle": "AB123CD", "lot": "lot1"})  # the first keeps serving
+            assert reply["status"] == "ok"
+            state = tmp_path / "state"
+            assert stat.S_IMODE(state.stat().st_mode) == 0o700
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+            names = {"gateway.db", "gateway.db-wal", "gateway.db-shm", "plate.key", "gateway.lock"}
+            assert modes == dict.fromkeys(names, 0o600)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, raw = await asyncio.wait_for(first.communicate(), 20)
+    assert first.returncode == 0, raw.decode()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
@@ -61,20 +63,57 @@ class PlateKey:
 
     @classmethod
     def load_or_create(cls, path: Path) -> PlateKey:
-        try:
-            return cls(path.read_bytes())
-        except FileNotFoundError:
-            pass
+        """The key in `path`, or a new one made there once, however many processes start at the same time.
+
+        A new key is written to a temporary file, fsynced, and linked into place, and the directory fsynced:
+        `path` never holds a partial key. `link` fails when another process got there first: its key is used.
+        An empty file (a crash of an older release between create and write) never served a token, so it is
+        replaced; that happens under a lock on the directory, so that racing processes replace it only once.
+        """
+        key = cls._read(path)
+        if key is not None:
+            return key
         path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process won the race: use its key
-            return cls(path.read_bytes())
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-            f.flush()
-            os.fsync(f.fileno())
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            key = cls._read(path)
+            if key is not None:
+                return key
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # empty
+            return cls._create(path, dir_fd)
+        finally:
+            os.close(dir_fd)  # drops the flock
+
+    @classmethod
+    def _read(cls, path: Path) -> PlateKey | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if data and len(data) < 16:
+            raise PlateError(f"{path}: plate key shorter than 16 bytes (damaged? restore it from the backup)")
+        return cls(data) if data else None
+
+    @classmethod
+    def _create(cls, path: Path, dir_fd: int) -> PlateKey:
+        key = secrets.token_bytes(32)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # the umask may have taken bits of the mode above; 0600 adds none back
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return cls(path.read_bytes())  # someone else's, complete: theirs were linked only after fsync
+        finally:
+            os.unlink(tmp)
+        os.fsync(dir_fd)
         return cls(key)
 
     def token(self, normalised_plate: str) -> str:

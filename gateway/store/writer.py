@@ -35,6 +35,7 @@ from gateway.core.plates import PlateKey
 from gateway.core.txn import Txn
 from gateway.store.schema import Synchronous, connect, migrate
 from gateway.store.settings import settings_from_config
+from gateway.store.state import private_store
 from gateway.store.sync import sync_config
 
 log = structlog.get_logger("gateway.writer")
@@ -201,6 +202,7 @@ class Writer:
     # --- below runs in the writer thread only ---
 
     def _open(self) -> None:
+        private_store(self._path)
         conn = connect(self._path, synchronous=self._sync)
         migrate(conn)
         lots = {lot.id: lot.name for lot in self._config.lots}
