@@ -107,7 +107,15 @@ class Gateway:
             name="mqtt-local",
             online_when=self.inbound.subscribed,
         )
-        self.requests = Requests(self.writer, self.reads, self.topics, {lot.id for lot in config.lots}, self.link)
+        self.requests = Requests(
+            self.writer,
+            self.reads,
+            self.topics,
+            {lot.id for lot in config.lots},
+            self.link,
+            response_topics=tuple(b.response_topics),
+            clock=clock,
+        )
         self.publisher = Publisher(self.link, self.topics, self.reads, self.writer, health=self._health, clock=clock)
         self.housekeeping = Housekeeping(self.writer, clock=clock)
         self.deadlines = Deadlines(self.writer, clock=clock)

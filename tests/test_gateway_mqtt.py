@@ -134,7 +134,9 @@ async def test_mqtt5_response_topic_and_correlation(tmp_path: Path, mosquitto: M
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    cfg = site_config(tmp_path / "state", port=mosquitto.port, embedded=False)
+    cfg = site_config(
+        tmp_path / "state", port=mosquitto.port, embedded=False, broker_extra='response_topics = ["ops/replies/#"]'
+    )
     async with (
         running(cfg),
         aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="v5-op", protocol=aiomqtt.ProtocolVersion.V5) as c,
@@ -231,3 +233,87 @@ async def test_a_plate_recognizer_frame_is_one_decision_for_its_best_result(tmp_
         assert len(obs.events("session.started")) == 1
     sessions = reader(cfg).execute("SELECT plate FROM sessions").fetchall()
     assert [row["plate"] for row in sessions] == ["AB123CD"]
+
+
+async def test_a_transaction_belongs_to_one_verb(tmp_path: Path) -> None:
+    cfg = site_config(tmp_path / "state", port=free_port(), embedded=True)
+    async with running(cfg), observer(cfg.broker.port) as obs:
+        entered = await obs.request("enter", {"transaction": "t-1", "vehicle": "AB123CD", "lot": "lot1"})
+        assert entered["status"] == "ok"
+        for verb, body in (
+            ("exit", {"vehicle": "AB123CD"}),
+            ("block", {"slot": "A-002"}),
+            ("availability", {"lot": "lot1"}),
+            ("sessions", {}),
+        ):
+            reply = await obs.request(verb, {"transaction": "t-1", **body})
+            assert reply["status"] == "error" and reply["error"]["code"] == "conflict", (verb, reply)
+        again = await obs.request("enter", {"transaction": "t-1", "vehicle": "AB123CD", "lot": "lot1"})
+        assert again == entered  # the enter itself still replays
+    conn = reader(cfg)
+    assert [r["state"] for r in conn.execute("SELECT state FROM sessions")] == ["active"]
+    assert conn.execute("SELECT blocked FROM slots WHERE id = 'A-002'").fetchone()[0] == 0
+
+
+async def test_mqtt5_response_topics_stay_under_the_allowed_filters(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    import aiomqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    cfg = site_config(
+        tmp_path / "state", port=mosquitto.port, embedded=False, broker_extra='response_topics = ["ops/+/replies"]'
+    )
+    asked = {
+        "ops/desk/replies": "ops/desk/replies",
+        f"{R}/response/mine": f"{R}/response/mine",
+        f"{R}/status": f"{R}/response/availability",
+        "sensors/A-001/state": f"{R}/response/availability",
+        "ops/#": f"{R}/response/availability",
+    }
+    async with (
+        running(cfg) as gw,
+        observer(mosquitto.port) as obs,
+        aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="v5-req", protocol=aiomqtt.ProtocolVersion.V5) as c,
+    ):
+        await c.subscribe([("ops/#", 1), ("sensors/#", 1), (f"{R}/response/#", 1), (f"{R}/status", 1)])
+        for i, topic in enumerate(asked):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = topic
+            props.CorrelationData = str(i).encode()
+            body = json.dumps({"transaction": f"a{i}", "lot": "lot1"})
+            await c.publish(f"{R}/request/availability", body, qos=1, properties=props)
+        got: dict[str, str] = {}
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                if m.topic.value == f"{R}/status":
+                    assert m.payload == b"online"
+                    continue
+                assert m.properties is not None
+                got[asked_topic := list(asked)[int(m.properties.CorrelationData)]] = m.topic.value
+                assert json.loads(m.payload)["status"] == "ok", asked_topic  # type: ignore[arg-type]
+                if len(got) == len(asked):
+                    break
+        assert got == asked
+        assert gw.requests.rejected == {"response_topic": 3}
+        assert obs.state(f"{R}/status") == "online"
+
+
+async def test_a_request_whose_handler_fails_still_gets_a_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = site_config(tmp_path / "state", port=free_port(), embedded=True)
+    async with running(cfg) as gw, observer(cfg.broker.port) as obs:
+
+        async def broken(*_: object) -> None:
+            raise RuntimeError("disk on fire")
+
+        monkeypatch.setattr(gw.reads, "sessions", broken)
+        reply = await obs.request("sessions", {"transaction": "s-1", "lot": "lot1"})
+        assert reply == {
+            "transaction": "s-1",
+            "status": "error",
+            "error": {"code": "unavailable", "message": "internal error; try again"},
+        }
+        assert gw.requests.failed == 1

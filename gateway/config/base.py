@@ -47,6 +47,21 @@ def check_secret_source(password: str | None, password_file: str | None) -> list
     return []
 
 
+def topic_filter_problem(topic_filter: str) -> str | None:
+    """Why `topic_filter` is not a valid MQTT filter, or None."""
+    if not topic_filter:
+        return "empty topic filter"
+    if "\x00" in topic_filter:
+        return "NUL character in topic filter"
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return f"'#' is only allowed as the whole last level: {topic_filter!r}"
+        if "+" in level and level != "+":
+            return f"'+' must be a whole level: {topic_filter!r}"
+    return None
+
+
 def format_loc(loc: Loc) -> str:
     out = ""
     for part in loc:

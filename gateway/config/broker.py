@@ -6,7 +6,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from gateway.config.base import Problems, StrictModel, check_secret_source
+from gateway.config.base import Problems, StrictModel, check_secret_source, topic_filter_problem
 from gateway.config.tls import TLSConfig
 
 
@@ -50,6 +50,12 @@ class BrokerConfig(StrictModel):
         description="External broker only: the protocol the gateway speaks to it. 5 lets requests carry a "
         "response topic and correlation data; 3.1.1 costs less CPU per message. The bundled broker is 3.1.1.",
     )
+    response_topics: list[str] = Field(
+        [],
+        description="MQTT filters where an MQTT 5 request's response topic may point besides `R/response/#`; a "
+        "request whose response topic lies elsewhere is answered on `R/response/<verb>` and counted as rejected "
+        "`response_topic` (the gateway's account may publish where a requester may not).",
+    )
     allow_anonymous: bool = Field(
         False,
         description="Embedded broker only: accept clients without credentials (fine for a demo on "
@@ -59,6 +65,10 @@ class BrokerConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         problems = check_secret_source(self.password, self.password_file)
+        for i, topic_filter in enumerate(self.response_topics):
+            problem = topic_filter_problem(topic_filter)
+            if problem is not None:
+                problems.append((("response_topics", i), problem))
         if self.embedded:
             if not self.allow_anonymous and self.users_file is None:
                 problems.append((("users_file",), "required for the embedded broker unless allow_anonymous = true"))

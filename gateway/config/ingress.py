@@ -6,23 +6,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from gateway.config.base import Loc, Problems, StrictModel
+from gateway.config.base import Loc, Problems, StrictModel, topic_filter_problem
 
 
 def _filter_problem(topic_filter: str) -> str | None:
-    if not topic_filter:
-        return "empty topic filter"
-    if "\x00" in topic_filter:
-        return "NUL character in topic filter"
-    levels = topic_filter.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return f"'#' is only allowed as the whole last level: {topic_filter!r}"
-        if "+" in level and level != "+":
-            return f"'+' must be a whole level: {topic_filter!r}"
-    if "+" not in levels:
+    problem = topic_filter_problem(topic_filter)
+    if problem is None and "+" not in topic_filter.split("/"):
         return f"needs a '+' level (it matches the device id): {topic_filter!r}"
-    return None
+    return problem
 
 
 IngressKind = Literal["sensors", "tts", "cameras", "platerecognizer"]

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.core.clock import iso_ms
+from gateway.core.clock import SYSTEM_CLOCK, Clock, iso_ms
 from gateway.core.domain import Block, Command, Enter, Exit, Reply, Unblock
 from gateway.mqtt.link import Incoming, MqttLink
-from gateway.mqtt.topics import Topics
+from gateway.mqtt.topics import Topics, match
 from gateway.store.reads import ReadStore
 from gateway.store.writer import Writer, WriterClosed
 
@@ -24,6 +25,7 @@ log = structlog.get_logger("gateway.requests")
 
 MAX_REQUEST = 16 * 1024
 STOP_GRACE_S = 2.0
+LOG_EVERY = 60.0
 Text = Field(min_length=1, max_length=128)
 
 
@@ -90,14 +92,30 @@ class Requests:
 
     name = "requests"
 
-    def __init__(self, writer: Writer, reads: ReadStore, topics: Topics, lots: set[str], link: MqttLink) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        reads: ReadStore,
+        topics: Topics,
+        lots: set[str],
+        link: MqttLink,
+        *,
+        response_topics: tuple[str, ...] = (),
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._clock = clock
         self._writer = writer
         self._reads = reads
         self._topics = topics
         self._lots = lots
         self.link = link
+        # Where an MQTT 5 response topic may point: the gateway's account may publish where a requester may not.
+        self._response_filters = (topics.response("#"), *response_topics)
         self.handled = 0
         self.invalid = 0
+        self.failed = 0
+        self.rejected: Counter[str] = Counter()
+        self._last_logged: dict[str, float] = {}
         self._tasks: set[asyncio.Task[bool]] = set()
         self._stopping = False
 
@@ -117,7 +135,13 @@ class Requests:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def health(self) -> dict[str, Any]:
-        return {"handled": self.handled, "invalid": self.invalid, "in_flight": len(self._tasks)}
+        return {
+            "handled": self.handled,
+            "invalid": self.invalid,
+            "failed": self.failed,
+            "rejected": dict(self.rejected),
+            "in_flight": len(self._tasks),
+        }
 
     async def handle(self, msg: Incoming) -> asyncio.Future[bool]:
         if self._stopping:
@@ -133,12 +157,20 @@ class Requests:
 
     async def _serve(self, verb: str, msg: Incoming) -> bool:
         """Answer the request; whether its outcome is final (committed, or needing no commit)."""
-        transaction, reply, final = await self._answer(verb, msg.payload)
+        try:
+            transaction, reply, final = await self._answer(verb, msg.payload)
+        except Exception:
+            # Every request gets a reply; the requester may repeat it with the same transaction. Final: the same
+            # request delivered again would meet the same failure.
+            log.exception("request failed", verb=verb)
+            self.failed += 1
+            transaction, reply = _transaction(msg.payload), Reply.error("unavailable", "internal error; try again")
+            final = True
         self.handled += 1
         if not reply.ok and reply.code == "invalid_request":
             self.invalid += 1
         self.link.publish(
-            msg.response_topic or self._topics.response(verb),
+            self._reply_topic(verb, msg.response_topic),
             json.dumps(reply.to_json(transaction), separators=(",", ":")),
             qos=1,
             correlation_data=msg.correlation_data,
@@ -146,14 +178,28 @@ class Requests:
         )
         return final
 
+    def _reply_topic(self, verb: str, asked: str | None) -> str:
+        """The MQTT 5 response topic when it lies under R/response/ or [broker] response_topics, else the default."""
+        default = self._topics.response(verb)
+        if asked is None:
+            return default
+        if asked and "+" not in asked and "#" not in asked and "\x00" not in asked:
+            if any(match(allowed, asked) is not None for allowed in self._response_filters):
+                return asked
+        self.rejected["response_topic"] += 1
+        now = self._clock.monotonic()
+        if now - self._last_logged.get("response_topic", -LOG_EVERY) >= LOG_EVERY:
+            self._last_logged["response_topic"] = now
+            log.warning("request rejected", reason="response_topic", response_topic=asked[:200], replied_on=default)
+        return default
+
     async def _answer(self, verb: str, payload: bytes) -> tuple[str | None, Reply, bool]:
         transaction: str | None = None
         try:
             if len(payload) > MAX_REQUEST:
                 return None, Reply.error("invalid_request", f"request larger than {MAX_REQUEST} bytes"), True
             doc = json.loads(payload, parse_constant=_no_constant)
-            if isinstance(doc, dict) and isinstance(doc.get("transaction"), str):
-                transaction = doc["transaction"][:128]
+            transaction = _transaction_of(doc)
             if verb in LATER:
                 return transaction, Reply.error("invalid_request", f"{verb!r} is not supported by this release"), True
             model = VERBS.get(verb)
@@ -169,6 +215,12 @@ class Requests:
             return transaction, Reply.error("unavailable", "the gateway is shutting down"), False
 
     async def _do(self, verb: str, req: _Request) -> Reply:
+        if isinstance(req, AvailabilityRequest | SessionsRequest):
+            # Reads keep no transaction, but one that a change already holds is not theirs (the writer
+            # checks the changes' own verbs).
+            used_by = await self._reads.transaction_verb(f"tx:{req.transaction}")
+            if used_by is not None:
+                return Reply.error("conflict", f"this transaction belongs to an earlier {used_by!r} request")
         if isinstance(req, AvailabilityRequest):
             if req.lot not in self._lots:
                 return Reply.error("unknown_lot", f"no lot {req.lot!r}")
@@ -181,6 +233,18 @@ class Requests:
                         row[key] = iso_ms(row[key])
             return Reply(True, {"sessions": rows})
         return await self._writer.submit(_command(verb, req))
+
+
+def _transaction_of(doc: object) -> str | None:
+    value = doc.get("transaction") if isinstance(doc, dict) else None
+    return value[:128] if isinstance(value, str) else None
+
+
+def _transaction(payload: bytes) -> str | None:
+    try:
+        return _transaction_of(json.loads(payload))
+    except (ValueError, RecursionError):
+        return None
 
 
 def _no_constant(name: str) -> None:

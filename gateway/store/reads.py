@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,15 @@ class ReadStore:
         )  # fmt: skip
         async with self._conn.execute(sql, args) as cur:
             return [dict(zip(keys, row, strict=True)) for row in await cur.fetchall()]
+
+    async def transaction_verb(self, key: str) -> str | None:
+        """The verb a stored idempotency key belongs to (None: unknown key, or a row without one)."""
+        async with self._conn.execute("SELECT reply FROM idempotency WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        verb = json.loads(row[0]).get("verb")
+        return verb if isinstance(verb, str) else None
 
     async def outbox_backlog(self) -> int:
         async with self._conn.execute("SELECT COUNT(*) FROM outbox") as cur:

@@ -248,7 +248,7 @@ class Writer:
         conn.execute("SAVEPOINT cmd")
         try:
             keys = self._keys(cmd)
-            reply = self._replay(txn, keys)
+            reply = self._replay(txn, keys, verb_of(cmd))
             if reply is None:
                 try:
                     reply = Reply(True, HANDLERS[type(cmd)](txn, cmd))
@@ -256,7 +256,7 @@ class Writer:
                     if not exc.keep_effects:
                         self._undo(txn, seq_before, events_before)
                     reply = Reply.error(exc.code, exc.message)
-                self._remember(txn, keys, reply)
+                self._remember(txn, keys, reply, verb_of(cmd))
             conn.execute("RELEASE cmd")
             return reply
         except sqlite3.IntegrityError as exc:
@@ -290,22 +290,34 @@ class Writer:
         return keys
 
     @staticmethod
-    def _replay(txn: Txn, keys: list[tuple[str, float]]) -> Reply | None:
-        """The stored reply for a repeated transaction, camera event, or re-read within the window."""
+    def _replay(txn: Txn, keys: list[tuple[str, float]], verb: str) -> Reply | None:
+        """The stored reply for a repeated transaction, camera event, or re-read within the window.
+
+        A transaction belongs to the verb that first used it: another verb gets `conflict` and changes nothing.
+        """
         for key, ttl in keys:
             row = txn.conn.execute("SELECT reply, created_at FROM idempotency WHERE key = ?", (key,)).fetchone()
             if row is not None and row[1] >= txn.now - ttl:
-                return Reply.from_json(json.loads(row[0]))
+                doc = json.loads(row[0])
+                used_by = doc.get("verb")  # absent in rows of releases before 0.2: any verb replays them
+                if used_by is not None and used_by != verb:
+                    return Reply.error("conflict", f"this transaction belongs to an earlier {used_by!r} request")
+                return Reply.from_json(doc)
         return None
 
     @staticmethod
-    def _remember(txn: Txn, keys: list[tuple[str, float]], reply: Reply) -> None:
+    def _remember(txn: Txn, keys: list[tuple[str, float]], reply: Reply, verb: str) -> None:
         if not keys:
             return
-        body = json.dumps(reply.to_json(), separators=(",", ":"))
+        body = json.dumps({**reply.to_json(), "verb": verb}, separators=(",", ":"))
         for key, _ in keys:
             txn.conn.execute(
                 "INSERT INTO idempotency (key, reply, created_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET reply = excluded.reply, created_at = excluded.created_at",
                 (key, body, txn.now),
             )
+
+
+def verb_of(cmd: Command) -> str:
+    """The verb an idempotency key is stored with: the command's kind (`Enter` -> `enter`, as its request)."""
+    return type(cmd).__name__.lower()
