@@ -57,7 +57,7 @@ class WriterMachine(RuleBasedStateMachine):
         self.seen_seq = 0
         self.gaps: list[str] = []
         self.writer.add_listener(self._on_commit)
-        self.replies: dict[str, Reply] = {}
+        self.replies: dict[str, tuple[type[Command], Reply]] = {}
         self.conn = reader(self.cfg)
 
     def _on_commit(self, done: Committed) -> None:
@@ -76,12 +76,18 @@ class WriterMachine(RuleBasedStateMachine):
 
         return self.loop.run_until_complete(go())
 
+    def _check_transaction(self, cmd: Command, reply: Reply) -> None:
+        """The same transaction gets the same answer from its verb, and `conflict` from any other."""
+        assert cmd.idempotency_key is not None
+        first = self.replies.setdefault(cmd.idempotency_key, (type(cmd), reply))
+        if first[0] is type(cmd):
+            assert reply == first[1], "a repeated transaction got a different answer"
+        else:
+            assert reply.code == "conflict", f"a transaction reused by another verb got {reply}"
+
     def _check_reply(self, cmd: Command, reply: Reply) -> None:
-        key = cmd.idempotency_key
-        if key is not None:
-            if key in self.replies:
-                assert reply == self.replies[key], "a repeated transaction got a different answer"
-            self.replies.setdefault(key, reply)
+        if cmd.idempotency_key is not None:
+            self._check_transaction(cmd, reply)
             return
         if isinstance(cmd, Enter) and reply.code == "full":
             # Only full when nothing of an admissible type is free in the requested zone.
@@ -115,11 +121,8 @@ class WriterMachine(RuleBasedStateMachine):
         # transactions are checked per reply here; the invariants check the whole state after it.
         replies = self._submit(batch)
         for cmd, reply in zip(batch, replies, strict=True):
-            key = cmd.idempotency_key
-            if key is not None:
-                if key in self.replies:
-                    assert reply == self.replies[key], "a repeated transaction got a different answer"
-                self.replies.setdefault(key, reply)
+            if cmd.idempotency_key is not None:
+                self._check_transaction(cmd, reply)
 
     @invariant()
     def invariants_hold(self) -> None:
