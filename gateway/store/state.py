@@ -37,6 +37,7 @@ def private_file(path: Path) -> None:
 
 def private_store(db: Path) -> None:
     """The database 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database's mode."""
+    private_dir(db.parent)
     private_file(db)
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
