@@ -317,3 +317,31 @@ async def test_a_request_whose_handler_fails_still_gets_a_reply(
             "error": {"code": "unavailable", "message": "internal error; try again"},
         }
         assert gw.requests.failed == 1
+
+
+async def test_a_store_locked_past_the_busy_timeout_loses_nothing(tmp_path: Path) -> None:
+    import sqlite3
+
+    # Another connection holds the write lock longer than SQLite's busy timeout (5 s): the group commit fails,
+    # and is retried until the lock goes. The sensor transition, the camera's decision and the request all land.
+    cfg = site_config(tmp_path / "state", port=free_port(), embedded=True)
+    async with running(cfg) as gw, observer(cfg.broker.port) as obs:
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        blocker = sqlite3.connect(gw.db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            await obs.pub("sensors/A-003/state", {"occupied": True, "seq": 1})
+            await obs.pub("cameras/cam-in1/reads", {"event_id": "e1", "plate": "CAM 1", "ts": now_iso()})
+            request = asyncio.create_task(obs.request("enter", {"vehicle": "REQ1", "lot": "lot1"}, timeout=20))
+            await asyncio.sleep(5.5)
+            assert not request.done()  # the first attempt failed at 5 s; it is retried, not answered
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert (await request)["status"] == "ok"
+        await obs.wait_for(lambda: len(obs.events("session.started")) == 2 and obs.events("slot.status"))
+    conn = reader(cfg)
+    assert conn.execute("SELECT sensor_state FROM slots WHERE id = 'A-003'").fetchone()[0] == "occupied"
+    plates = {row[0] for row in conn.execute("SELECT plate FROM sessions WHERE state = 'active'")}
+    assert plates == {"CAM1", "REQ1"}
+    assert audit(conn) == []

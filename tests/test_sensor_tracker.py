@@ -274,3 +274,47 @@ def test_a_state_that_held_is_owed_even_when_due_runs_late() -> None:
     assert tracker.next_deadline() == 5
     assert tracker.due(8) == [Transition("s1", True, 0)]
     assert tracker.due(100) == []
+
+
+# --- commit outcome: nothing counts as committed before the writer says so --------------------------------
+
+
+def test_a_transition_is_committed_only_when_reported() -> None:
+    tracker = SensorTracker(debounce=1)
+    tracker.observe(obs(True), 0)
+    [t] = tracker.due(1)
+    tracker.observe(obs(True), 2)  # a heartbeat of the state on its way: nothing new
+    assert tracker.due(10) == []
+    tracker.failed([t], 10)  # the commit failed: owed again, after a pause
+    assert tracker.due(10) == [] and tracker.next_deadline() == 11
+    [again] = tracker.due(11)
+    assert again == t
+    tracker.committed([again])
+    tracker.observe(obs(True), 12)
+    assert tracker.due(20) == [] and tracker.next_deadline() is None
+
+
+def test_a_failed_transition_that_the_sensor_undid_is_owed_no_more() -> None:
+    tracker = SensorTracker(debounce=1)
+    tracker.seed("s1", False)
+    tracker.observe(obs(True), 0)
+    [t] = tracker.due(1)
+    tracker.observe(obs(False), 2)  # back to the committed state while the commit is on its way
+    tracker.failed([t], 3)
+    assert tracker.due(10) == [] and tracker.next_deadline() is None
+    tracker.observe(obs(True), 11)  # and a real change later is still seen
+    assert tracker.due(12) == [Transition("s1", True, 11)]
+
+
+def test_a_failed_transition_superseded_by_a_newer_one_is_dropped() -> None:
+    tracker = SensorTracker(debounce=1)
+    tracker.seed("s1", False)
+    tracker.observe(obs(True), 0)
+    [first] = tracker.due(1)
+    tracker.observe(obs(False), 2)
+    [second] = tracker.due(3)
+    tracker.failed([first], 4)
+    tracker.committed([second])
+    assert tracker.due(10) == [] and tracker.next_deadline() is None
+    tracker.observe(obs(False), 11)  # vacant is committed: a heartbeat changes nothing
+    assert tracker.due(20) == []

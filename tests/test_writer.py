@@ -243,3 +243,51 @@ async def test_housekeeping_expires_keys_erases_plates_and_trims_local_outbox(tm
     conn = reader(cfg)
     assert conn.execute("SELECT plate FROM sessions WHERE id = ?", (first.data["session_id"],)).fetchone()[0] is None
     assert audit(conn) == []
+
+
+async def test_a_full_disk_is_retried_and_a_request_gives_up_after_its_patience(tmp_path: Path) -> None:
+    from gateway.core.domain import RecordRejections
+
+    clock = ManualClock()
+    cfg = lot_config(tmp_path / "s")
+    w = new_writer(cfg, clock)
+    task = asyncio.create_task(w.run())
+    await w.wait_ready()
+    loop = asyncio.get_running_loop()
+
+    def on_writer_conn(sql: str) -> None:
+        # A full disk for the writer's connection only: its own page limit (the writer thread owns it).
+        assert w._conn is not None
+        w._conn.execute(sql)
+
+    async def failures_reach(n: int) -> None:
+        for _ in range(1000):  # the attempts run in the writer thread, in real time
+            if w.commit_failures >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise TimeoutError(f"{w.commit_failures} failed commits, not {n}")
+
+    try:
+        await loop.run_in_executor(w._executor, on_writer_conn, "PRAGMA max_page_count = 1")  # = the file's size
+        big = RecordRejections(items=tuple((0.0, f"src{i}", "bad", "x" * 200) for i in range(200)))
+        rejections = asyncio.create_task(w.submit(big))
+        request = asyncio.create_task(
+            w.submit(Enter(vehicle="AB1", lot="lot1", idempotency_key="tx:1"), give_up_after=10)
+        )
+        await failures_reach(1)
+        clock.advance(5)
+        await failures_reach(2)
+        assert not request.done() and not rejections.done()  # failing for 5 s: both wait
+        clock.advance(6)
+        await failures_reach(3)
+        assert (await request).code == "unavailable"  # failing for 11 s: the request gives up
+        assert not rejections.done()  # device input and upkeep wait for the store
+        await loop.run_in_executor(w._executor, on_writer_conn, "PRAGMA max_page_count = 1073741823")  # freed
+        clock.advance(3)
+        assert (await asyncio.wait_for(rejections, 10)).ok
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    conn = reader(cfg)
+    assert conn.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 200
+    assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 0  # given up: never committed

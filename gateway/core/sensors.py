@@ -18,7 +18,11 @@ a message reordered across a counter reset is taken as a reset; debounce then ab
 nothing newer follows within `debounce`.
 
 Debounce: a state counts once it has held for `debounce` seconds since it was first seen; a
-`Transition` is due only for a state that differs from the last one emitted (or seeded).
+`Transition` is due only for a state that differs from the last one committed (or seeded), or on its way.
+
+Commit: `due` hands a transition out without taking it as committed; the caller reports the writer's answer,
+`committed` or `failed`. Until then the transition is the sensor's state on its way to the store (new messages
+are compared with it); a failed one is owed again after `RETRY_S`, unless the sensor has moved on since.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Report(Protocol):
 
 REBOOT_LOW_SEQ = 3
 CLOCK_RESET_S = 600.0
+RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +72,8 @@ class _Sensor:
     last_seq: int | None = None
     last_ts: float | None = None
     last_seen: float | None = None
-    emitted: bool | None = None
+    emitted: bool | None = None  # committed to the store
+    inflight: Transition | None = None  # handed out by due(), its commit not yet reported
     pending: bool | None = None
     pending_since: float = 0.0
     generation: int = 0  # bumps whenever the pending state changes; stale heap entries are skipped
@@ -114,8 +120,8 @@ class SensorTracker:
         if sensor.pending is not None and sensor.pending_since + self._debounce <= now:
             # The pending state has held long enough; that due() has not run yet must not turn it into a flap.
             self._promote(obs.sensor_id, sensor)
-        if obs.occupied == sensor.emitted:
-            self._clear_pending(sensor)  # back to the committed state: the change was a flap
+        if obs.occupied == _target(sensor):
+            self._clear_pending(sensor)  # back to the committed state (or the one on its way): a flap
             return verdict
         sensor.pending = obs.occupied
         sensor.pending_since = now
@@ -125,25 +131,48 @@ class SensorTracker:
 
     def _promote(self, sensor_id: str, sensor: _Sensor) -> None:
         assert sensor.pending is not None
-        self._ready.append(
-            (sensor.pending_since + self._debounce, Transition(sensor_id, sensor.pending, sensor.pending_since))
-        )
-        sensor.emitted = sensor.pending
+        transition = Transition(sensor_id, sensor.pending, sensor.pending_since)
+        self._ready.append((sensor.pending_since + self._debounce, transition))
+        sensor.inflight = transition
         self._clear_pending(sensor)
 
     def due(self, now: float) -> list[Transition]:
-        """Pending states that have held for `debounce`, oldest deadline first; each is emitted once."""
-        transitions = [t for _, t in self._ready]
-        self._ready.clear()
+        """Pending states that have held for `debounce`, oldest deadline first; report each one's commit."""
+        transitions = [t for deadline, t in self._ready if deadline <= now]
+        self._ready = [(deadline, t) for deadline, t in self._ready if deadline > now]
         while self._deadlines and self._deadlines[0][0] <= now:
             _, sensor_id, generation = heapq.heappop(self._deadlines)
             sensor = self._sensors[sensor_id]
             if generation != sensor.generation or sensor.pending is None:
                 continue
-            transitions.append(Transition(sensor_id, sensor.pending, sensor.pending_since))
-            sensor.emitted = sensor.pending
+            transition = Transition(sensor_id, sensor.pending, sensor.pending_since)
+            transitions.append(transition)
+            sensor.inflight = transition
             self._clear_pending(sensor)
         return transitions
+
+    def committed(self, transitions: list[Transition]) -> None:
+        """The writer committed these (handed out by `due`)."""
+        for t in transitions:
+            sensor = self._sensors[t.sensor_id]
+            sensor.emitted = t.occupied
+            if sensor.inflight is t:
+                sensor.inflight = None
+
+    def failed(self, transitions: list[Transition], now: float) -> None:
+        """The writer could not commit these: owed again after RETRY_S, unless the sensor has moved on."""
+        for t in transitions:
+            sensor = self._sensors[t.sensor_id]
+            if sensor.inflight is not t:
+                continue  # a newer transition of this sensor is on its way and supersedes this one
+            sensor.inflight = None
+            if sensor.pending is None:
+                if t.occupied != sensor.emitted:
+                    sensor.inflight = t
+                    self._ready.append((now + RETRY_S, t))
+            elif sensor.pending == sensor.emitted:
+                self._clear_pending(sensor)  # changed back while on its way: the store already has it
+            # else: the newer pending state differs from the store and comes due by itself
 
     def next_deadline(self) -> float | None:
         ready = min((deadline for deadline, _ in self._ready), default=None)
@@ -178,3 +207,8 @@ class SensorTracker:
     def _clear_pending(self, sensor: _Sensor) -> None:
         sensor.pending = None
         sensor.generation += 1
+
+
+def _target(sensor: _Sensor) -> bool | None:
+    """The state the store has, or will have once the transition on its way commits."""
+    return sensor.emitted if sensor.inflight is None else sensor.inflight.occupied

@@ -22,9 +22,18 @@ from drivers.platerecognizer import parse_platerecognizer
 from drivers.tts import parse_tts_uplink
 from gateway.config import GateConfig, GatewayConfig, IngressKind
 from gateway.core.clock import SYSTEM_CLOCK, Clock
-from gateway.core.domain import Command, Enter, Exit, RaiseAlert, RecordRejections, SensorChange, SensorChanges
+from gateway.core.domain import (
+    Command,
+    Enter,
+    Exit,
+    RaiseAlert,
+    RecordRejections,
+    Reply,
+    SensorChange,
+    SensorChanges,
+)
 from gateway.core.plates import PlateError, confusion_key, normalise
-from gateway.core.sensors import SensorTracker, Verdict
+from gateway.core.sensors import SensorTracker, Transition, Verdict
 from gateway.mqtt.inbound import Handled
 from gateway.mqtt.link import Incoming
 from gateway.mqtt.topics import device_level, match
@@ -71,6 +80,9 @@ class Ingress:
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[bool]] = set()
         self._pending: deque[Command] = deque()
+        # The tracker's transitions behind each SensorChanges on its way to the writer (by id: the command lives
+        # in _pending or its task until settled).
+        self._transitions: dict[int, list[Transition]] = {}
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     @property
@@ -208,15 +220,28 @@ class Ingress:
         return submitted
 
     async def _submit(self, cmd: Command) -> bool:
+        reply = None
         try:
             reply = await self._writer.submit(cmd)
         except WriterClosed:
             return False  # shutting down: a persistent session brings the read again, the device its report
         finally:
             self._in_flight.release()
+            self._settled(cmd, reply)
         if isinstance(cmd, Enter | Exit):
             self.decisions[reply.code or "ok"] += 1
         return True
+
+    def _settled(self, cmd: Command, reply: Reply | None) -> None:
+        """Tell the tracker what became of its transitions: committed, or owed again."""
+        transitions = self._transitions.pop(id(cmd), None)
+        if transitions is None:
+            return
+        if reply is not None and reply.ok:
+            self.tracker.committed(transitions)
+        else:
+            self.tracker.failed(transitions, self._clock.monotonic())
+            self._wakeup.set()
 
     async def run(self) -> None:
         """Commit debounced sensor transitions when due; flush the rejection log once a second."""
@@ -235,12 +260,15 @@ class Ingress:
             mono = self._clock.monotonic()
             # The tracker counts on the monotonic clock; the store records when the state was first seen.
             to_wall = self._clock.wall() - mono
+            transitions = self.tracker.due(mono)
             due = [
                 SensorChange(sensor=t.sensor_id, state="occupied" if t.occupied else "vacant", at=t.at + to_wall)
-                for t in self.tracker.due(mono)
+                for t in transitions
             ]
             for i in range(0, len(due), SENSOR_BATCH):
-                self._pending.append(SensorChanges(changes=tuple(due[i : i + SENSOR_BATCH])))
+                cmd = SensorChanges(changes=tuple(due[i : i + SENSOR_BATCH]))
+                self._transitions[id(cmd)] = transitions[i : i + SENSOR_BATCH]
+                self._pending.append(cmd)
             await self._submit_pending()
 
     async def _flush_loop(self) -> None:

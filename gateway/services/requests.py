@@ -26,6 +26,8 @@ log = structlog.get_logger("gateway.requests")
 MAX_REQUEST = 16 * 1024
 STOP_GRACE_S = 2.0
 LOG_EVERY = 60.0
+# A change the store cannot commit this long is answered `unavailable` (guarantee 8) and never made.
+COMMIT_PATIENCE_S = 10.0
 Text = Field(min_length=1, max_length=128)
 
 
@@ -232,7 +234,7 @@ class Requests:
                     if row[key] is not None:
                         row[key] = iso_ms(row[key])
             return Reply(True, {"sessions": rows})
-        return await self._writer.submit(_command(verb, req))
+        return await self._writer.submit(_command(verb, req), give_up_after=COMMIT_PATIENCE_S)
 
 
 def _transaction_of(doc: object) -> str | None:

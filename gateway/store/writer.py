@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import Callable
@@ -60,6 +61,39 @@ class WriterClosed(Exception):
     pass
 
 
+# Retrying a group commit that failed for a passing reason (guarantee 8): capped exponential backoff.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+RETRY_LOG_EVERY_S = 10.0
+# SQLite's primary result codes that a later attempt can get past: the database busy or locked by another
+# connection, an I/O error or a full disk (freed later), memory. Anything else is a bug or a broken file.
+PASSING = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_PROTOCOL,
+}
+
+
+def passing(exc: sqlite3.Error) -> bool:
+    """A failure that a later attempt may not meet (busy, locked, I/O, full)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in PASSING
+
+
+class _Passing(Exception):
+    """A group commit failed for a passing reason and was rolled back: try the batch again."""
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    cmd: Command
+    fut: asyncio.Future[Reply]
+    give_up_at: float | None  # monotonic; None: retried until it commits (device input, upkeep)
+
+
 HANDLERS: dict[type[Command], Handler] = {
     Enter: allocation.enter,
     Exit: exits.exit_,
@@ -96,7 +130,7 @@ class Writer:
         # The earliest (timer, wall) deadline in the store; listeners learn of changes through Committed.
         self.next_due: tuple[float | None, float | None] = (None, None)
         self.name = "writer"
-        self._queue: asyncio.Queue[tuple[Command, asyncio.Future[Reply]]] = asyncio.Queue(maxsize=10_000)
+        self._queue: asyncio.Queue[_Entry] = asyncio.Queue(maxsize=10_000)
         self._listeners: list[Callable[[Committed], None]] = []
         self._ready = asyncio.Event()
         self._closed = False
@@ -105,6 +139,9 @@ class Writer:
         self._next_seq = 1
         self.commits = 0
         self.commands = 0
+        self.commit_failures = 0
+        self._failing_since: float | None = None
+        self._last_failure_log = 0.0
 
     def add_listener(self, listener: Callable[[Committed], None]) -> None:
         """Called in the event loop after every COMMIT, in commit order. Must not block."""
@@ -121,11 +158,17 @@ class Writer:
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
-    async def submit(self, cmd: Command) -> Reply:
+    async def submit(self, cmd: Command, *, give_up_after: float | None = None) -> Reply:
+        """Apply `cmd`; the reply resolves after its COMMIT.
+
+        A commit that fails for a passing reason is retried until it succeeds; with `give_up_after` the command
+        is answered `unavailable` instead once it could not be committed for that long (it then never commits).
+        """
         if self._closed:
             raise WriterClosed("the writer has stopped")
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        await self._queue.put((cmd, fut))
+        give_up_at = None if give_up_after is None else self._clock.monotonic() + give_up_after
+        await self._queue.put(_Entry(cmd, fut, give_up_at))
         return await fut
 
     async def start(self) -> None:
@@ -138,23 +181,83 @@ class Writer:
 
     async def run(self) -> None:
         """Apply queued commands in group commits until cancelled; then stop."""
-        loop = asyncio.get_running_loop()
         try:
             await self.start()
             while True:
                 batch = [await self._queue.get()]
-                while len(batch) < self._batch_max and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                work = loop.run_in_executor(self._executor, self._apply, [cmd for cmd, _ in batch])
-                try:
-                    done = await asyncio.shield(work)
-                except asyncio.CancelledError:
-                    # The batch runs to its end in the thread: deliver what it committed, then stop.
-                    self._deliver(batch, *await work)
-                    raise
-                self._deliver(batch, *done)
+                self._top_up(batch)
+                await self._commit(batch)
         finally:
             await self.stop()
+
+    def _top_up(self, batch: list[_Entry]) -> None:
+        while len(batch) < self._batch_max and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+
+    async def _commit(self, batch: list[_Entry]) -> None:
+        """Commit `batch`, retrying a passing failure with capped backoff; commands queued meanwhile join it."""
+        loop = asyncio.get_running_loop()
+        delay = RETRY_FIRST_S
+        try:
+            while batch:
+                work = loop.run_in_executor(self._executor, self._apply, [e.cmd for e in batch])
+                try:
+                    try:
+                        done = await asyncio.shield(work)
+                    except asyncio.CancelledError:
+                        # The batch runs to its end in the thread: deliver what it committed, then stop.
+                        with contextlib.suppress(_Passing):
+                            self._deliver(batch, *await work)
+                            batch = []
+                        raise
+                except _Passing as exc:
+                    self._failed(exc, len(batch))
+                    batch = self._give_up(batch)
+                    await self._clock.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+                    self._top_up(batch)
+                    continue
+                self._deliver(batch, *done)
+                self._recovered()
+                return
+        finally:
+            for entry in batch:  # cancelled while retrying: not committed, failed like the queue in stop()
+                if not entry.fut.done():
+                    entry.fut.set_exception(WriterClosed("the gateway stopped before committing this"))
+
+    def _failed(self, exc: _Passing, size: int) -> None:
+        now = self._clock.monotonic()
+        self.commit_failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+            self._last_failure_log = now
+            log.warning("group commit failed, retrying", error=str(exc.__cause__ or exc), batch=size)
+        elif now - self._last_failure_log >= RETRY_LOG_EVERY_S:
+            self._last_failure_log = now
+            log.error(
+                "the store still cannot commit, retrying",
+                error=str(exc.__cause__ or exc),
+                batch=size,
+                failing_s=round(now - self._failing_since, 1),
+            )
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            log.info("group commit recovered", after_s=round(self._clock.monotonic() - self._failing_since, 1))
+            self._failing_since = None
+
+    def _give_up(self, batch: list[_Entry]) -> list[_Entry]:
+        """Answer `unavailable` to the commands past their patience (never attempted again); keep the rest."""
+        now = self._clock.monotonic()
+        keep: list[_Entry] = []
+        for entry in batch:
+            if entry.fut.done():
+                continue  # the caller went away
+            if entry.give_up_at is not None and now >= entry.give_up_at:
+                entry.fut.set_result(Reply.error("unavailable", "the store could not commit; try again"))
+            else:
+                keep.append(entry)
+        return keep
 
     async def stop(self) -> None:
         """Refuse new commands, fail the queued ones with WriterClosed, close the store; safe to call twice.
@@ -164,7 +267,7 @@ class Writer:
         """
         self._closed = True
         while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+            fut = self._queue.get_nowait().fut
             if not fut.done():
                 fut.set_exception(WriterClosed("the gateway stopped before committing this"))
         executor, self._executor = self._executor, None
@@ -175,18 +278,25 @@ class Writer:
             executor.shutdown(wait=True)
 
     async def health(self) -> dict[str, Any]:
-        return {"queue_depth": self._queue.qsize(), "commits": self.commits, "commands": self.commands}
+        failing = None if self._failing_since is None else round(self._clock.monotonic() - self._failing_since, 1)
+        return {
+            "queue_depth": self._queue.qsize(),
+            "commits": self.commits,
+            "commands": self.commands,
+            "commit_failures": self.commit_failures,
+            "failing_s": failing,
+        }
 
     def _deliver(
         self,
-        batch: list[tuple[Command, asyncio.Future[Reply]]],
+        batch: list[_Entry],
         replies: list[Reply],
         events: list[Envelope],
         next_due: tuple[float | None, float | None] | None,
     ) -> None:
-        for (_, fut), reply in zip(batch, replies, strict=True):
-            if not fut.done():
-                fut.set_result(reply)
+        for entry, reply in zip(batch, replies, strict=True):
+            if not entry.fut.done():
+                entry.fut.set_result(reply)
         self.commits += 1
         self.commands += len(batch)
         if next_due is not None:
@@ -233,10 +343,14 @@ class Writer:
                 next_due = timers.next_due(txn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self._next_seq = self._load_seq()
+            if passing(exc):
+                raise _Passing(str(exc)) from exc
             log.error("group commit failed", error=str(exc), batch=len(cmds))
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self._next_seq = self._load_seq()
             failed = Reply.error("unavailable", "the store could not commit; try again")
             return [failed] * len(cmds), [], None
         self._next_seq = txn.next_seq
@@ -265,8 +379,13 @@ class Writer:
             conn.execute("RELEASE cmd")
             log.error("constraint refused a command", command=type(cmd).__name__, error=str(exc))
             return Reply.error("conflict", "refused by a store constraint")
-        except sqlite3.OperationalError:
-            raise
+        except sqlite3.Error as exc:
+            if passing(exc):
+                raise  # the whole group commit is retried
+            self._undo(txn, seq_before, events_before)
+            conn.execute("RELEASE cmd")
+            log.exception("command failed in the store", command=type(cmd).__name__)
+            return Reply.error("unavailable", f"store error: {exc.sqlite_errorname}")
         except Exception as exc:
             self._undo(txn, seq_before, events_before)
             conn.execute("RELEASE cmd")
