@@ -193,6 +193,9 @@ async def test_one_daemon_per_store_with_private_files(tmp_path: Path, umask: in
 
     config = site(tmp_path)
     port = int(next(line for line in config.read_text().splitlines() if line.startswith("port")).split("=")[1])
+    acl = tmp_path / "anonymous.acl"  # the observer below requests as an anonymous client
+    acl.write_text("topic readwrite #\n")
+    config.write_text(config.read_text().replace("[broker]\n", f'[broker]\nacl_file = "{acl}"\n'))
     cmd = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
     pipe = asyncio.subprocess.PIPE
     first = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, stderr=pipe, umask=umask)
