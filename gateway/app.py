@@ -34,6 +34,7 @@ from gateway.services.publisher import Publisher, health_document
 from gateway.services.requests import Requests
 from gateway.store.reads import ReadStore
 from gateway.store.schema import db_path
+from gateway.store.settings import settings_from_config
 from gateway.store.state import StateLock, private_dir
 from gateway.store.writer import Writer
 
@@ -114,6 +115,8 @@ class Gateway:
             {lot.id for lot in config.lots},
             self.link,
             response_topics=tuple(b.response_topics),
+            settings=settings_from_config(config),
+            key=self.key,
             clock=clock,
         )
         self.publisher = Publisher(self.link, self.topics, self.reads, self.writer, health=self._health, clock=clock)

@@ -1,4 +1,8 @@
-"""Guarantees 1 and 2 and the gapless seq, as properties over random interleavings against the real writer."""
+"""Guarantees 1 and 2 and the gapless seq, as properties over random interleavings against the real writer.
+
+The writer runs on a ManualClock: reservations, their holds and releases, payments and their grace windows are
+driven by clock advances (deadlines fired by FireDue, as the deadlines service does).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from gateway.core.domain import Block, Command, Enter, Exit, Reply, Unblock
+from gateway.core.clock import ManualClock
+from gateway.core.domain import Block, CancelReservation, Command, Enter, Exit, FireDue, Pay, Reply, Reserve, Unblock
+from gateway.core.exits import charges
 from gateway.store.audit import audit
 from gateway.store.availability import availability
+from gateway.store.settings import settings_from_config
 from gateway.store.writer import Committed
 from tests.helpers import EVENTS_SCHEMA, lot_config, new_writer, reader
 
@@ -38,6 +45,21 @@ exits = st.builds(Exit, vehicle=vehicles, idempotency_key=maybe_tx)
 blocks = st.builds(Block, slot=slots, reason=st.just("maintenance"), idempotency_key=maybe_tx)
 unblocks = st.builds(Unblock, slot=slots, idempotency_key=maybe_tx)
 commands = st.one_of(enters, exits, blocks, unblocks)
+RESERVATIONS = [f"r{i}" for i in range(8)]
+reservation_ids = st.sampled_from(RESERVATIONS)
+TARIFF = """
+[timing]
+hold_ahead = 1800
+no_show_after = 1200
+[[tariffs]]
+lot = "lot1"
+currency = "EUR"
+free_minutes = 15
+per_hour = 250
+daily_cap = 2000
+exit_grace_minutes = 10
+occupancy_multipliers = [ { from = 0.0, factor = 1.0 }, { from = 0.5, factor = 1.25 } ]
+"""
 
 
 class WriterMachine(RuleBasedStateMachine):
@@ -49,15 +71,20 @@ class WriterMachine(RuleBasedStateMachine):
             self.dir,
             slots=6,
             synchronous="NORMAL",
-            extra=('  [[lots.zones]]\n  id = "B"\n  slots = [{ ids = "A-900..A-901", type = "ev" }]\n'),
+            extra=('  [[lots.zones]]\n  id = "B"\n  slots = [{ ids = "A-900..A-901", type = "ev" }]\n' + TARIFF),
         )
-        self.writer = new_writer(self.cfg)
+        self.clock = ManualClock()
+        self.writer = new_writer(self.cfg, self.clock)
+        self.writer_settings = settings_from_config(self.cfg)
         self.task = self.loop.create_task(self.writer.run())
         self.loop.run_until_complete(self.writer.wait_ready())
         self.seen_seq = 0
         self.gaps: list[str] = []
         self.writer.add_listener(self._on_commit)
         self.replies: dict[str, tuple[type[Command], Reply]] = {}
+        # reservation_id -> (the fields it was first made with, its first answer)
+        self.reserved: dict[str, tuple[Reserve, Reply]] = {}
+        self.payments: dict[str, Reply] = {}
         self.conn = reader(self.cfg)
 
     def _on_commit(self, done: Committed) -> None:
@@ -105,9 +132,85 @@ class WriterMachine(RuleBasedStateMachine):
             ).fetchone()
             assert row is not None and row[0] == reply.data["slot"]
 
+    def _check_reserve(self, cmd: Reserve, reply: Reply) -> None:
+        first = self.reserved.get(cmd.reservation_id)
+        if first is not None:
+            same = (first[0].vehicle, first[0].start, first[0].end, first[0].type, first[0].zone) == (
+                cmd.vehicle, cmd.start, cmd.end, cmd.type, cmd.zone
+            )  # fmt: skip
+            assert reply == (first[1] if same else Reply.error("conflict", reply.message or "")), (cmd, reply)
+        elif reply.ok:
+            self.reserved[cmd.reservation_id] = (cmd, reply)
+
+    def _fire(self) -> None:
+        while sum(self._submit([FireDue()])[0].data.get("fired", {}).values()):
+            pass
+
     @initialize()
     def start(self) -> None:
         pass
+
+    @rule(
+        rid=reservation_ids,
+        vehicle=vehicles,
+        lead=st.sampled_from([-600, 0, 300, 1800, 2400, 3600, 7200]),
+        length=st.sampled_from([900, 1800, 3600, 5400]),
+        type_=st.none() | st.just("ev"),
+        zone=st.none() | st.sampled_from(["A", "B"]),
+    )
+    def reserve(self, rid: str, vehicle: str, lead: int, length: int, type_: str | None, zone: str | None) -> None:
+        start = self.clock.wall() + lead
+        cmd = Reserve(
+            reservation_id=rid, vehicle=vehicle, lot="lot1", start=start, end=start + length, type=type_, zone=zone
+        )
+        (reply,) = self._submit([cmd])
+        self._check_reserve(cmd, reply)
+
+    @rule(rid=reservation_ids)
+    def cancel(self, rid: str) -> None:
+        before = self.conn.execute("SELECT state FROM reservations WHERE id = ?", (rid,)).fetchone()
+        (reply,) = self._submit([CancelReservation(reservation_id=rid)])
+        if before is not None and before[0] in ("booked", "held", "cancelled"):
+            assert reply.ok, reply
+            (again,) = self._submit([CancelReservation(reservation_id=rid)])
+            assert again == reply
+
+    @rule(data=st.data())
+    def arrive(self, data: st.DataObject) -> None:
+        live = self.conn.execute(
+            "SELECT id, plate FROM reservations WHERE state IN ('booked', 'held') ORDER BY id"
+        ).fetchall()
+        if not live:
+            return
+        rid, plate = data.draw(st.sampled_from(live))
+        window = self.conn.execute(
+            "SELECT start_at - ? <= ? FROM reservations WHERE id = ?", (1800, self.clock.wall(), rid)
+        ).fetchone()[0]
+        (reply,) = self._submit([Enter(vehicle=plate, lot="lot1")])
+        if reply.ok and window and not reply.data.get("existing"):
+            row = self.conn.execute("SELECT reservation_id FROM sessions WHERE id = ?", (reply.data["session_id"],))
+            assert row.fetchone()[0] is not None, "the reserved vehicle arrived in its window but got no reservation"
+
+    @rule(seconds=st.sampled_from([30, 300, 900, 1800, 3600]))
+    def advance(self, seconds: int) -> None:
+        self.clock.advance(seconds)
+        self._fire()
+
+    @rule(data=st.data(), delta=st.sampled_from([-1, 0, 100]), ref=st.sampled_from([f"p{i}" for i in range(6)]))
+    def pay(self, data: st.DataObject, delta: int, ref: str) -> None:
+        active = self.conn.execute("SELECT * FROM sessions WHERE state = 'active' ORDER BY id").fetchall()
+        if not active:
+            return
+        session = data.draw(st.sampled_from(active))
+        due = charges(self.writer_settings.tariffs["lot1"], session, self.clock.wall()).due
+        amount = max(0, due + delta)
+        (reply,) = self._submit([Pay(session_id=session["id"], amount=amount, payment_ref=ref)])
+        if ref in self.payments:
+            assert reply == self.payments[ref]
+        elif reply.ok:
+            self.payments[ref] = reply
+        else:
+            assert amount < due and reply.code == "payment_required" and reply.extra == {"due": due, "currency": "EUR"}
 
     @rule(cmd=commands)
     def one(self, cmd: Command) -> None:
@@ -141,6 +244,29 @@ class WriterMachine(RuleBasedStateMachine):
         assert doc["blocked"] == blocked_free
         next_seq = int(self.conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
         assert next_seq == self.seen_seq + 1
+        held_free = self.conn.execute(
+            "SELECT COUNT(*) FROM slots t WHERE blocked = 0 AND sensor_state != 'occupied'"
+            " AND EXISTS (SELECT 1 FROM reservations r WHERE r.slot = t.id AND r.state = 'held')"
+            " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.slot = t.id AND s.state = 'active')"
+        ).fetchone()[0]
+        assert doc["reserved"] == held_free
+        overlapping = self.conn.execute(
+            "SELECT COUNT(*) FROM reservations r JOIN reservations q ON q.slot = r.slot AND q.id > r.id"
+            " AND q.start_at < r.end_at AND r.start_at < q.end_at"
+            " WHERE r.state IN ('booked', 'held') AND q.state IN ('booked', 'held')"
+        ).fetchone()[0]
+        assert overlapping == 0
+        # A hold only from its time on; a live reservation is released by its deadline.
+        now = self.clock.wall()
+        early = self.conn.execute(
+            "SELECT COUNT(*) FROM reservations WHERE state = 'held' AND hold_from > ?", (now,)
+        ).fetchone()[0]
+        assert early == 0
+        late = self.conn.execute(
+            "SELECT COUNT(*) FROM reservations WHERE state IN ('booked', 'held') AND MIN(end_at, start_at + 1200) < ?",
+            (now,),
+        ).fetchone()[0]
+        assert late == 0
 
     def teardown(self) -> None:
         self.conn.close()

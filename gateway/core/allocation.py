@@ -6,10 +6,11 @@ import sqlite3
 import uuid
 from typing import Any
 
-from gateway.core import slots
+from gateway.core import reservations, slots
 from gateway.core.domain import CommandError, Enter
 from gateway.core.events import DenyReason, EntryDenied, SessionConfirmed, SessionStarted
 from gateway.core.plates import PlateError, normalise
+from gateway.core.pricing import band_factor
 from gateway.core.txn import Txn
 
 # One indexed probe per candidate type: (lot, [zone,] type, status) is an index prefix and ORDER BY follows the
@@ -46,6 +47,15 @@ def pick_slot(conn: sqlite3.Connection, lot: str, zone: str | None, types: list[
         if row is not None:
             return str(row[0]), str(row[1])
     return None
+
+
+def entry_factor(txn: Txn, lot: str) -> str:
+    """The occupancy band's factor as the lot is just before this entry, as exact text (`"5/4"`)."""
+    tariff = txn.settings.tariffs.get(lot)
+    if tariff is None or not tariff.occupancy_multipliers:
+        return "1"
+    occupied, total = txn.conn.execute("SELECT occupied, total FROM lots WHERE id = ?", (lot,)).fetchone()
+    return str(band_factor(tariff, occupied, total))
 
 
 def _lot_of(txn: Txn, cmd: Enter) -> str:
@@ -97,25 +107,43 @@ def enter(txn: Txn, cmd: Enter) -> dict[str, Any]:
             "entry by a vehicle that already has an active session; the existing session is kept",
         )
         return {"session_id": existing["id"], "slot": existing["slot"], "zone": existing["zone"], "existing": True}
-    types = candidate_types(txn, lot, plate, cmd.type)
-    picked = pick_slot(txn.conn, lot, cmd.zone, types)
+    reservation = reservations.arriving(txn, lot, token)
+    picked = None if reservation is None else reservations.claim(txn, reservation)
     if picked is None:
-        raise deny("full", "no free slot matches")
+        # No reservation, or its slot is in use and none of its kind is free for it: seated as a walk-in.
+        picked = pick_slot(txn.conn, lot, cmd.zone, candidate_types(txn, lot, plate, cmd.type))
+        if picked is None:
+            raise deny("full", "no free slot matches")
     slot_id, zone = picked
+    reservation_id: str | None = None
+    if reservation is not None:
+        reservation_id = reservation["id"]
+        reservations.announce_arrival(txn, reservation_id, slot_id)
     session_id = str(uuid.uuid4())
     gate = txn.settings.gates.get(cmd.gate) if cmd.gate is not None else None
     confirmed_now = gate is None or not gate.has_loops
     txn.conn.execute(
-        "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, entry_gate, started_at, confirmed_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)",
-        (session_id, lot, zone, slot_id, plate, token, cmd.gate, txn.now, txn.now if confirmed_now else None),
-    )
+        "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, entry_gate, reservation_id, started_at,"
+        " confirmed_at, factor) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+        (
+            session_id, lot, zone, slot_id, plate, token, cmd.gate, reservation_id, txn.now,
+            txn.now if confirmed_now else None, entry_factor(txn, lot),
+        ),
+    )  # fmt: skip
     txn.emit(
         SessionStarted(
-            session_id=session_id, lot=lot, zone=zone, slot=slot_id, vehicle=vehicle, gate=cmd.gate, reservation_id=None
+            session_id=session_id,
+            lot=lot,
+            zone=zone,
+            slot=slot_id,
+            vehicle=vehicle,
+            gate=cmd.gate,
+            reservation_id=reservation_id,
         )
     )
     if confirmed_now:
         txn.emit(SessionConfirmed(session_id=session_id, gate=cmd.gate))
+    if reservation_id is not None:
+        reservations.arrived(txn, reservation_id, session_id)
     slots.refresh(txn, slot_id, "session.started")
     return {"session_id": session_id, "slot": slot_id, "zone": zone}

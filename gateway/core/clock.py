@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import re
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -123,3 +124,19 @@ class Timeline:
 def iso_ms(t: float) -> str:
     """RFC 3339 UTC with milliseconds, as every timestamp of the contract."""
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def parse_rfc3339(text: str) -> float:
+    """Epoch seconds of an RFC 3339 date-time, which must carry its offset (`Z` or `+01:00`)."""
+    if not _RFC3339.match(text):
+        raise ValueError(f"{text!r} is not an RFC 3339 date-time with an offset (e.g. 2026-12-01T10:00:00+01:00)")
+    head, frac = text, ""
+    m = re.search(r"\.(\d+)", text)
+    if m is not None:  # fromisoformat takes at most 6 digits of fraction
+        frac = m[1]
+        head = text[: m.start()] + text[m.end() :]
+    stamp = datetime.fromisoformat(head.upper().replace("Z", "+00:00").replace(" ", "T"))
+    return stamp.timestamp() + (int(frac) / 10 ** len(frac) if frac else 0.0)

@@ -22,12 +22,16 @@ ErrorCode = Literal[
 class CommandError(Exception):
     """A refusal with a contract error code; the writer rolls back the command's savepoint."""
 
-    def __init__(self, code: ErrorCode, message: str, *, keep_effects: bool = False) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, *, keep_effects: bool = False, extra: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message
         # A refusal that still records something (entry.denied, exit.unmatched) keeps its events.
         self.keep_effects = keep_effects
+        # Fields of the error object beside code and message (payment_required: due, currency).
+        self.extra = extra or {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,25 +40,28 @@ class Reply:
     data: dict[str, Any] = field(default_factory=dict)
     code: ErrorCode | None = None
     message: str | None = None
+    # The error object's other fields, e.g. `due` and `currency` of payment_required (contract §6).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def error(cls, code: ErrorCode, message: str) -> Reply:
-        return cls(False, {}, code, message)
+    def error(cls, code: ErrorCode, message: str, **extra: Any) -> Reply:
+        return cls(False, {}, code, message, extra)
 
     def to_json(self, transaction: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"transaction": transaction}
         if self.ok:
             out.update(status="ok", data=self.data)
         else:
-            out.update(status="error", error={"code": self.code, "message": self.message})
+            out.update(status="error", error={**self.extra, "code": self.code, "message": self.message})
         return out
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Reply:
         if doc.get("status") == "ok":
             return cls(True, dict(doc.get("data") or {}))
-        err = doc.get("error") or {}
-        return cls(False, {}, err.get("code", "unavailable"), err.get("message", ""))
+        err = dict(doc.get("error") or {})
+        code, message = err.pop("code", "unavailable"), err.pop("message", "")
+        return cls(False, {}, code, message, err)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +88,33 @@ class Exit(Command):
     gate: str | None = None
     candidates: tuple[str, ...] = ()
     reread_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(Command):
+    """Hold a slot for [start, end) (epoch seconds); idempotent by `reservation_id`."""
+
+    reservation_id: str
+    vehicle: str
+    lot: str
+    start: float
+    end: float
+    type: str | None = None
+    zone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReservation(Command):
+    reservation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pay(Command):
+    """A payment toward an active session: at least what is due now, or refused; idempotent by `payment_ref`."""
+
+    session_id: str
+    amount: int
+    payment_ref: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,17 +1,95 @@
-"""Where an exit is decided: match the plate to one active session, end it, free the slot."""
+"""Where an exit is decided: match the plate to one active session, settle what is due, end it, free the slot.
+
+`settle` is the one answer to "may this exit open, and what happens": the `Exit` command uses it, whoever sends
+that command (a camera read, an `exit` request, a barrier lane). `charges` is the pure arithmetic behind it, also
+used by `quote` on the read side and by `pay`.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Protocol
 
 from gateway.core import slots
-from gateway.core.domain import CommandError, Exit
-from gateway.core.events import ExitUnmatched, Fee, SessionEnded
+from gateway.core.clock import iso_ms
+from gateway.core.domain import CommandError, Exit, Pay
+from gateway.core.events import ExitUnmatched, Fee, PaymentConfirmed, PaymentRequested, SessionEnded
 from gateway.core.plates import PlateError, confusion_key, normalise, within_one_edit
 from gateway.core.pricing import fee
+from gateway.core.settings import Settings, Tariff
 from gateway.core.txn import Txn
+
+
+class SessionRow(Protocol):
+    """A session as stored (an sqlite3.Row or a dict of its columns)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def elapsed_s(started_at: float, now: float) -> int:
+    """Whole seconds, half up: `duration_s` of session.ended, and the duration the fee is computed for."""
+    return max(0, math.floor(now - started_at + 0.5))
+
+
+@dataclass(frozen=True, slots=True)
+class Charges:
+    """What a session owes at a moment (contract §6, "Fees and payment"); money in integer minor units."""
+
+    amount: int  # the session's whole fee: as of now, or within paid_until as of the last payment
+    currency: str | None
+    paid: int
+    due: int
+    paid_until: float | None
+    duration_s: int
+
+
+def charges(tariff: Tariff | None, session: SessionRow, now: float) -> Charges:
+    """The fee from the session's entry to `now` at its stored occupancy factor, less what was paid.
+
+    Within `paid_until` nothing more is due, even if an hour started during the grace: the whole fee is the one
+    paid for. The fee is computed for the same whole seconds as `duration_s`, so the two always agree.
+    """
+    started, paid, paid_until = session["started_at"], int(session["paid"]), session["paid_until"]
+    grace = paid_until is not None and now <= paid_until
+    basis = session["paid_at"] if grace else now
+    amount = fee(tariff, started, started + elapsed_s(started, basis), Fraction(session["factor"]))
+    due = 0 if grace else max(0, amount - paid)
+    currency = tariff.currency if tariff is not None else None
+    return Charges(amount, currency, paid, due, paid_until, elapsed_s(started, now))
+
+
+@dataclass(frozen=True, slots=True)
+class ExitDecision:
+    """`opens`: the barrier may open and the session ends; else the exit is refused `payment_required`.
+
+    `billed`: what `payment.requested` carries (bill_later), 0 when nothing is unpaid.
+    """
+
+    opens: bool
+    charges: Charges
+    billed: int = 0
+
+
+def settle(settings: Settings, session: SessionRow, now: float) -> ExitDecision:
+    """May this session's exit open now, and what happens: the lot's tariff, then `[policy] exit_unpaid`."""
+    c = charges(settings.tariffs.get(session["lot"]), session, now)
+    if c.due == 0:
+        return ExitDecision(True, c)
+    if settings.exit_unpaid == "bill_later":
+        return ExitDecision(True, c, billed=c.due)
+    return ExitDecision(False, c)
+
+
+def payment_required(c: Charges, *, keep_effects: bool) -> CommandError:
+    money = f"{c.due} {c.currency}" if c.currency else str(c.due)
+    return CommandError(
+        "payment_required", f"{money} due", keep_effects=keep_effects, extra={"due": c.due, "currency": c.currency}
+    )
 
 
 def match_plate(active: list[tuple[str, str]], plate: str, candidates: tuple[str, ...]) -> str | None:
@@ -86,16 +164,20 @@ def exit_(txn: Txn, cmd: Exit) -> dict[str, Any]:
             raise CommandError("invalid_request", f"gate {cmd.gate!r} is an entry")
         lot = gate.lot
     session = _find_session(txn, cmd, lot)
-    duration = max(0, round(txn.now - session["started_at"]))
-    tariff = txn.settings.tariffs.get(session["lot"])
-    amount = fee(tariff, session["started_at"], txn.now, 1)
-    currency = tariff.currency if tariff is not None else None
+    decision = settle(txn.settings, session, txn.now)
+    c = decision.charges
+    if not decision.opens:
+        if cmd.reread_key is not None:
+            # Re-reads of this plate get this refusal until a payment ends the window (see pay).
+            txn.conn.execute(
+                "INSERT OR REPLACE INTO exit_refusals (key, session_id) VALUES (?, ?)", (cmd.reread_key, session["id"])
+            )
+        raise payment_required(c, keep_effects=True)
     txn.conn.execute(
         "UPDATE sessions SET state = 'ended', ended_at = ?, exit_gate = ?, duration_s = ?, fee_amount = ?,"
         " fee_currency = ? WHERE id = ?",
-        (txn.now, cmd.gate, duration, amount, currency, session["id"]),
+        (txn.now, cmd.gate, c.duration_s, c.amount, c.currency, session["id"]),
     )
-    charged = Fee(amount=amount, currency=currency)
     txn.emit(
         SessionEnded(
             session_id=session["id"],
@@ -103,11 +185,61 @@ def exit_(txn: Txn, cmd: Exit) -> dict[str, Any]:
             slot=session["slot"],
             vehicle=txn.vehicle_ref(session["plate"] or session["vehicle"], session["vehicle"]),
             gate=cmd.gate,
-            duration_s=duration,
-            fee=charged,
+            duration_s=c.duration_s,
+            fee=Fee(amount=c.amount, currency=c.currency),
         )
     )
+    if decision.billed:
+        txn.emit(
+            PaymentRequested(
+                session_id=session["id"], amount=decision.billed, currency=c.currency, idempotency_key=session["id"]
+            )
+        )
+    txn.conn.execute("DELETE FROM exit_refusals WHERE session_id = ?", (session["id"],))
     if session["slot"] is not None:
         slots.refresh(txn, session["slot"], "session.ended")
-    fee_doc = {"amount": amount, "currency": currency}
-    return {"session_id": session["id"], "slot": session["slot"], "duration_s": duration, "fee": fee_doc}
+    fee_doc = {"amount": c.amount, "currency": c.currency}
+    return {"session_id": session["id"], "slot": session["slot"], "duration_s": c.duration_s, "fee": fee_doc}
+
+
+def pay(txn: Txn, cmd: Pay) -> dict[str, Any]:
+    """Record a payment of at least what is due now; the same payment_ref always gets the first answer."""
+    known = txn.conn.execute("SELECT reply FROM payments WHERE payment_ref = ?", (cmd.payment_ref,)).fetchone()
+    if known is not None:
+        first: dict[str, Any] = json.loads(known[0])
+        return first
+    if cmd.amount < 0:
+        raise CommandError("invalid_request", "amount must not be negative")
+    session = txn.conn.execute("SELECT * FROM sessions WHERE id = ? AND state = 'active'", (cmd.session_id,)).fetchone()
+    if session is None:
+        raise CommandError("unknown_session", f"no active session {cmd.session_id!r}")
+    tariff = txn.settings.tariffs.get(session["lot"])
+    c = charges(tariff, session, txn.now)
+    if cmd.amount < c.due:
+        raise payment_required(c, keep_effects=False)  # a short payment records nothing
+    grace = 60.0 * (tariff.exit_grace_minutes if tariff is not None else 0)
+    paid_until = txn.now + grace
+    txn.conn.execute(
+        "UPDATE sessions SET paid = paid + ?, paid_at = ?, paid_until = ? WHERE id = ?",
+        (cmd.amount, txn.now, paid_until, session["id"]),
+    )
+    txn.emit(
+        PaymentConfirmed(
+            session_id=session["id"],
+            amount=cmd.amount,
+            currency=c.currency,
+            idempotency_key=session["id"],
+            payment_ref=cmd.payment_ref,
+        )
+    )
+    # A payment ends the re-read window of this vehicle's refused exits: its next read is a new decision.
+    txn.conn.execute(
+        "DELETE FROM idempotency WHERE key IN (SELECT key FROM exit_refusals WHERE session_id = ?)", (session["id"],)
+    )
+    txn.conn.execute("DELETE FROM exit_refusals WHERE session_id = ?", (session["id"],))
+    reply = {"paid_until": iso_ms(paid_until)}
+    txn.conn.execute(
+        "INSERT INTO payments (payment_ref, session_id, amount, at, reply) VALUES (?, ?, ?, ?, ?)",
+        (cmd.payment_ref, session["id"], cmd.amount, txn.now, json.dumps(reply)),
+    )
+    return reply

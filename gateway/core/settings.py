@@ -67,3 +67,7 @@ class Settings:
     retention_s: float
     rejections_kept: int
     has_upstream: bool
+    # Reservations and payment (contract §6), gateway/core/reservations.py and exits.py
+    hold_ahead: float = 1800.0
+    no_show_after: float = 1800.0
+    exit_unpaid: str = "deny"  # "deny" | "bill_later"

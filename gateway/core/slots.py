@@ -11,19 +11,33 @@ from gateway.core.events import SlotState, SlotStatus
 from gateway.core.txn import Txn
 
 _RANK = {"vacant": 0, "none": 1, "offline": 2, "occupied": 3}
+# Added to the rank of a slot with a reservation ahead: walk-ins get every slot without one first.
+RESERVED_AHEAD = 4
+
+# The slot's live reservations, one probe of reservations_live_slot: (a hold has begun, one is booked ahead).
+HOLDS = (
+    "SELECT COALESCE(MAX(state = 'held'), 0), COALESCE(MAX(state = 'booked'), 0) FROM reservations"
+    " WHERE slot = ? AND state IN ('booked', 'held')"
+)
 
 
-def derive_status(has_session: bool, blocked: bool, sensor_state: str) -> SlotState:
-    """The one rule for a slot's status; the writer stores it and audit recomputes it."""
+def derive_status(has_session: bool, blocked: bool, sensor_state: str, held: bool = False) -> SlotState:
+    """The one rule for a slot's status; the writer stores it and audit recomputes it.
+
+    `held`: a reservation's hold on the slot has begun. A car in the slot wins over everything (it is there);
+    a blocked slot is out of use even when held.
+    """
     if has_session or sensor_state == "occupied":
         return "occupied"
     if blocked:
         return "blocked"
+    if held:
+        return "reserved"
     return "available"
 
 
-def alloc_rank(sensor_state: str) -> int:
-    return _RANK[sensor_state]
+def alloc_rank(sensor_state: str, reserved_ahead: bool = False) -> int:
+    return _RANK[sensor_state] + (RESERVED_AHEAD if reserved_ahead else 0)
 
 
 def active_session_on(conn: sqlite3.Connection, slot_id: str) -> str | None:
@@ -39,12 +53,17 @@ def refresh(txn: Txn, slot_id: str, reason: str, *, sensor_moved: bool = False) 
     if row is None:
         return
     session = active_session_on(txn.conn, slot_id)
-    status = derive_status(session is not None, bool(row["blocked"]), row["sensor_state"])
-    rank = alloc_rank(row["sensor_state"])
+    held, ahead = txn.conn.execute(HOLDS, (slot_id,)).fetchone()
+    status = derive_status(session is not None, bool(row["blocked"]), row["sensor_state"], bool(held))
+    rank = alloc_rank(row["sensor_state"], bool(ahead))
     if status != row["status"]:
         txn.conn.execute(
             "UPDATE slots SET status = ?, since = ?, alloc_rank = ? WHERE id = ?", (status, txn.now, rank, slot_id)
         )
+        if "occupied" in (status, row["status"]):
+            # Kept for the occupancy factor at entry (gateway/core/exits.py), checked by audit.
+            step = 1 if status == "occupied" else -1
+            txn.conn.execute("UPDATE lots SET occupied = occupied + ? WHERE id = ?", (step, row["lot"]))
     elif rank != row["alloc_rank"]:
         txn.conn.execute("UPDATE slots SET alloc_rank = ? WHERE id = ?", (rank, slot_id))
     if status != row["status"] or sensor_moved:

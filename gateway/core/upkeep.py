@@ -30,6 +30,11 @@ def housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
         "UPDATE sessions SET plate = NULL WHERE state != 'active' AND ended_at < ? AND plate IS NOT NULL",
         (txn.now - s.retention_s,),
     ).rowcount
+    # Closed reservations and recorded payments answer their repeats for as long as ended sessions keep plates.
+    erased += txn.conn.execute(
+        "DELETE FROM reservations WHERE state NOT IN ('booked', 'held') AND closed_at < ?", (txn.now - s.retention_s,)
+    ).rowcount
+    txn.conn.execute("DELETE FROM payments WHERE at < ?", (txn.now - max(s.retention_s, s.idempotency_ttl),))
     trimmed = 0
     if not s.has_upstream:
         # Nobody forwards and deletes: keep a week of events for `status` and late subscribers, drop the oldest.

@@ -9,13 +9,26 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from gateway.core.clock import SYSTEM_CLOCK, Clock, iso_ms
-from gateway.core.domain import Block, Command, Enter, Exit, Reply, Unblock
+from gateway.core.clock import SYSTEM_CLOCK, Clock, iso_ms, parse_rfc3339
+from gateway.core.domain import (
+    Block,
+    CancelReservation,
+    Command,
+    Enter,
+    Exit,
+    Pay,
+    Reply,
+    Reserve,
+    Unblock,
+)
+from gateway.core.exits import charges
+from gateway.core.plates import PlateError, PlateKey, normalise
+from gateway.core.settings import Settings
 from gateway.mqtt.link import Incoming, MqttLink
 from gateway.mqtt.topics import Topics, match
 from gateway.store.reads import ReadStore
@@ -66,6 +79,42 @@ class SessionsRequest(_Request):
     active: bool | None = None
 
 
+def _time(value: str) -> float:
+    return parse_rfc3339(value)
+
+
+class ReserveRequest(_Request):
+    reservation_id: str = Text
+    vehicle: str = Text
+    lot: str = Text
+    type: str | None = None
+    zone: str | None = None
+    start: Annotated[float, BeforeValidator(_time)]
+    end: Annotated[float, BeforeValidator(_time)]
+
+
+class CancelReservationRequest(_Request):
+    reservation_id: str = Text
+
+
+class QuoteRequest(_Request):
+    session_id: str | None = Field(None, min_length=1, max_length=128)
+    vehicle: str | None = Field(None, min_length=1, max_length=128)
+    lot: str | None = Field(None, min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _which(self) -> QuoteRequest:
+        if (self.session_id is None) == (self.vehicle is None or self.lot is None):
+            raise ValueError("give session_id, or vehicle and lot")
+        return self
+
+
+class PayRequest(_Request):
+    session_id: str = Text
+    amount: int = Field(ge=0)
+    payment_ref: str = Text
+
+
 VERBS: dict[str, type[_Request]] = {
     "enter": EnterRequest,
     "exit": ExitRequest,
@@ -73,9 +122,13 @@ VERBS: dict[str, type[_Request]] = {
     "block": SlotRequest,
     "unblock": SlotRequest,
     "sessions": SessionsRequest,
+    "reserve": ReserveRequest,
+    "cancel_reservation": CancelReservationRequest,
+    "quote": QuoteRequest,
+    "pay": PayRequest,
 }
-# In the contract, arriving with later releases (reservations, pricing, gate lanes).
-LATER = {"reserve", "cancel_reservation", "pay", "open_gate", "set_gate_mode"}
+# In the contract, arriving with a later release (gate lanes).
+LATER = {"open_gate", "set_gate_mode"}
 
 
 def _command(verb: str, req: _Request) -> Command:
@@ -84,6 +137,21 @@ def _command(verb: str, req: _Request) -> Command:
         return Enter(vehicle=req.vehicle, lot=req.lot, zone=req.zone, type=req.type, gate=req.gate, idempotency_key=key)
     if isinstance(req, ExitRequest):
         return Exit(vehicle=req.vehicle, session_id=req.session_id, gate=req.gate, idempotency_key=key)
+    if isinstance(req, ReserveRequest):
+        return Reserve(
+            reservation_id=req.reservation_id,
+            vehicle=req.vehicle,
+            lot=req.lot,
+            start=req.start,
+            end=req.end,
+            type=req.type,
+            zone=req.zone,
+            idempotency_key=key,
+        )
+    if isinstance(req, CancelReservationRequest):
+        return CancelReservation(reservation_id=req.reservation_id, idempotency_key=key)
+    if isinstance(req, PayRequest):
+        return Pay(session_id=req.session_id, amount=req.amount, payment_ref=req.payment_ref, idempotency_key=key)
     assert isinstance(req, SlotRequest)
     cls = Block if verb == "block" else Unblock
     return cls(slot=req.slot, reason=req.reason, idempotency_key=key)
@@ -103,13 +171,17 @@ class Requests:
         link: MqttLink,
         *,
         response_topics: tuple[str, ...] = (),
+        settings: Settings,
+        key: PlateKey,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._clock = clock
         self._writer = writer
         self._reads = reads
         self._topics = topics
         self._lots = lots
+        self._settings = settings
+        self._key = key
+        self._clock = clock
         self.link = link
         # Where an MQTT 5 response topic may point: the gateway's account may publish where a requester may not.
         self._response_filters = (topics.response("#"), *response_topics)
@@ -217,7 +289,7 @@ class Requests:
             return transaction, Reply.error("unavailable", "the gateway is shutting down"), False
 
     async def _do(self, verb: str, req: _Request) -> Reply:
-        if isinstance(req, AvailabilityRequest | SessionsRequest):
+        if isinstance(req, AvailabilityRequest | SessionsRequest | QuoteRequest):
             # Reads keep no transaction, but one that a change already holds is not theirs (the writer
             # checks the changes' own verbs).
             used_by = await self._reads.transaction_verb(f"tx:{req.transaction}")
@@ -234,7 +306,37 @@ class Requests:
                     if row[key] is not None:
                         row[key] = iso_ms(row[key])
             return Reply(True, {"sessions": rows})
+        if isinstance(req, QuoteRequest):
+            return await self._quote(req)
         return await self._writer.submit(_command(verb, req), give_up_after=COMMIT_PATIENCE_S)
+
+    async def _quote(self, req: QuoteRequest) -> Reply:
+        """What is due now: read side only (the fee's read path never queues behind the writer)."""
+        if req.session_id is not None:
+            session = await self._reads.active_session(session_id=req.session_id)
+        else:
+            assert req.vehicle is not None and req.lot is not None
+            if req.lot not in self._lots:
+                return Reply.error("unknown_lot", f"no lot {req.lot!r}")
+            try:
+                token = self._key.token(normalise(req.vehicle))
+            except PlateError as exc:
+                return Reply.error("invalid_request", f"vehicle: {exc}")
+            session = await self._reads.active_session(lot=req.lot, token=token)
+        if session is None:
+            return Reply.error("unknown_session", "no active session matches")
+        c = charges(self._settings.tariffs.get(session["lot"]), session, self._clock.wall())
+        return Reply(
+            True,
+            {
+                "session_id": session["id"],
+                "amount": c.amount,
+                "currency": c.currency,
+                "paid": c.paid,
+                "due": c.due,
+                "paid_until": None if c.paid_until is None else iso_ms(c.paid_until),
+            },
+        )
 
 
 def _transaction_of(doc: object) -> str | None:

@@ -29,14 +29,34 @@ def audit(conn: sqlite3.Connection) -> list[str]:
             " WHERE s.state = 'active' AND s.slot IS NOT NULL AND (t.id IS NULL OR t.lot != s.lot)"
         ):
             problems.append(f"session {sid}: slot {slot} is not a slot of lot {lot}")
-        for slot, stored, blocked, sensor, has_session in conn.execute(
+        for slot, stored, blocked, sensor, has_session, held in conn.execute(
             "SELECT t.id, t.status, t.blocked, t.sensor_state,"
-            " EXISTS (SELECT 1 FROM sessions s WHERE s.slot = t.id AND s.state = 'active')"
+            " EXISTS (SELECT 1 FROM sessions s WHERE s.slot = t.id AND s.state = 'active'),"
+            " EXISTS (SELECT 1 FROM reservations r WHERE r.slot = t.id AND r.state = 'held')"
             " FROM slots t ORDER BY t.id"
         ):
-            implied = derive_status(bool(has_session), bool(blocked), sensor)
+            implied = derive_status(bool(has_session), bool(blocked), sensor, bool(held))
             if implied != stored:
                 problems.append(f"slot {slot}: status is {stored!r} but the store implies {implied!r}")
+        for lot, kept_total, kept_occupied, total, occupied in conn.execute(
+            "SELECT l.id, l.total, l.occupied, COUNT(t.id), COALESCE(SUM(t.status = 'occupied'), 0)"
+            " FROM lots l LEFT JOIN slots t ON t.lot = l.id GROUP BY l.id ORDER BY l.id"
+        ):
+            if (kept_total, kept_occupied) != (total, occupied):
+                problems.append(
+                    f"lot {lot}: kept counts {kept_occupied}/{kept_total} occupied but the slots say {occupied}/{total}"
+                )
+        for slot, a, b in conn.execute(
+            "SELECT r.slot, r.id, q.id FROM reservations r JOIN reservations q"
+            " ON q.slot = r.slot AND q.id > r.id AND q.start_at < r.end_at AND r.start_at < q.end_at"
+            " WHERE r.state IN ('booked', 'held') AND q.state IN ('booked', 'held') ORDER BY r.slot"
+        ):
+            problems.append(f"slot {slot}: reservations {a} and {b} overlap")
+        for rid, slot, lot in conn.execute(
+            "SELECT r.id, r.slot, r.lot FROM reservations r LEFT JOIN slots t ON t.id = r.slot"
+            " WHERE r.state IN ('booked', 'held') AND (t.id IS NULL OR t.lot != r.lot)"
+        ):
+            problems.append(f"reservation {rid}: slot {slot} is not a slot of lot {lot}")
         problems.extend(_check_seq(conn))
         present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         for fence in FENCES:

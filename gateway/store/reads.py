@@ -87,6 +87,22 @@ class ReadStore:
         verb = json.loads(row[0]).get("verb")
         return verb if isinstance(verb, str) else None
 
+    async def active_session(
+        self, *, session_id: str | None = None, lot: str | None = None, token: str | None = None
+    ) -> dict[str, Any] | None:
+        """An active session by id, or by (lot, vehicle token), with what its fee needs (`quote`)."""
+        cols = "id, lot, started_at, factor, paid, paid_at, paid_until"
+        args: list[str | None]
+        if session_id is not None:
+            sql, args = f"SELECT {cols} FROM sessions WHERE id = ? AND state = 'active'", [session_id]
+        else:
+            sql, args = f"SELECT {cols} FROM sessions WHERE lot = ? AND vehicle = ? AND state = 'active'", [lot, token]
+        async with self._conn.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip(("id", "lot", "started_at", "factor", "paid", "paid_at", "paid_until"), row, strict=True))
+
     async def outbox_backlog(self) -> int:
         async with self._conn.execute("SELECT COUNT(*) FROM outbox") as cur:
             row = await cur.fetchone()

@@ -93,6 +93,50 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX deadlines_due ON deadlines (wall, due);
     """,
+    # 3: reservations (gateway/core/reservations.py), payments and the occupancy factor (gateway/core/exits.py),
+    # kept per-lot counts (the factor's occupied/total without a scan of every slot).
+    # A reservation is live while 'booked' (its hold has not begun) or 'held' (the slot's status is reserved).
+    """
+    CREATE TABLE reservations (
+        id TEXT PRIMARY KEY,
+        lot TEXT NOT NULL,
+        zone TEXT,                -- the requested zone, NULL: any
+        type TEXT NOT NULL,       -- the slot type it holds
+        slot TEXT NOT NULL,
+        plate TEXT,               -- normalised; erased with the row after the retention period
+        vehicle TEXT NOT NULL,    -- the token
+        start_at REAL NOT NULL,
+        end_at REAL NOT NULL,
+        hold_from REAL NOT NULL,  -- later of start - hold_ahead and the end of the slot's previous live reservation
+        state TEXT NOT NULL CHECK (state IN ('booked', 'held', 'arrived', 'cancelled', 'no_show')),
+        created_at REAL NOT NULL,
+        closed_at REAL,
+        session_id TEXT,
+        request TEXT NOT NULL,    -- the request's fields as decided on (idempotency by reservation_id)
+        reply TEXT NOT NULL       -- the first answer
+    );
+    -- The interval probe: a slot's live reservations by end; they are disjoint, so ordered by start as well.
+    CREATE INDEX reservations_live_slot ON reservations (slot, end_at) WHERE state IN ('booked', 'held');
+    CREATE INDEX reservations_live_vehicle ON reservations (lot, vehicle, start_at) WHERE state IN ('booked', 'held');
+    CREATE INDEX reservations_closed ON reservations (closed_at) WHERE state NOT IN ('booked', 'held');
+    ALTER TABLE sessions ADD COLUMN factor TEXT NOT NULL DEFAULT '1';  -- exact fraction, str(Fraction)
+    ALTER TABLE sessions ADD COLUMN paid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN paid_at REAL;
+    ALTER TABLE sessions ADD COLUMN paid_until REAL;
+    CREATE TABLE payments (
+        payment_ref TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        at REAL NOT NULL,
+        reply TEXT NOT NULL
+    );
+    CREATE INDEX payments_at ON payments (at);
+    -- Re-read keys of refused exits: a payment ends their window (the next read is a new decision).
+    CREATE TABLE exit_refusals (key TEXT PRIMARY KEY, session_id TEXT NOT NULL);
+    CREATE INDEX exit_refusals_session ON exit_refusals (session_id);
+    ALTER TABLE lots ADD COLUMN total INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE lots ADD COLUMN occupied INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 Synchronous = Literal["FULL", "NORMAL"]

@@ -53,6 +53,9 @@ def settings_from_config(cfg: GatewayConfig) -> Settings:
         retention_s=cfg.privacy.retention_days * 86400.0,
         rejections_kept=cfg.store.rejections_kept,
         has_upstream=cfg.upstream is not None,
+        hold_ahead=cfg.timing.hold_ahead,
+        no_show_after=cfg.timing.no_show_after,
+        exit_unpaid=cfg.policy.exit_unpaid,
     )
 
 

@@ -27,6 +27,14 @@ def sync_config(
                 + ", ".join(sorted(busy))
                 + " (end those sessions first)"
             )
+        retyped = [sid for sid, r in existing.items() if sid in wanted and r["type"] != wanted[sid].type]
+        booked = _reserved_slots(conn, gone + moved + retyped)
+        if booked:
+            raise StoreError(
+                "config removes, moves or retypes slots that hold live reservations: "
+                + ", ".join(sorted(booked))
+                + " (cancel those reservations first)"
+            )
         for lot_id, name in lots.items():
             conn.execute(
                 "INSERT INTO lots (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
@@ -53,6 +61,11 @@ def sync_config(
         conn.execute("DELETE FROM zones")
         conn.executemany("INSERT OR IGNORE INTO zones (lot, id) VALUES (?, ?)", {(s.lot, s.zone) for s in specs})
         conn.execute("DELETE FROM lots WHERE id NOT IN (SELECT DISTINCT lot FROM slots)")
+        # The writer keeps these in step from here on (gateway/core/slots.py: refresh).
+        conn.execute(
+            "UPDATE lots SET total = (SELECT COUNT(*) FROM slots WHERE slots.lot = lots.id),"
+            " occupied = (SELECT COUNT(*) FROM slots WHERE slots.lot = lots.id AND status = 'occupied')"
+        )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -66,3 +79,14 @@ def _busy_slots(conn: sqlite3.Connection, slot_ids: list[str]) -> set[str]:
         if row is not None:
             busy.add(sid)
     return busy
+
+
+def _reserved_slots(conn: sqlite3.Connection, slot_ids: list[str]) -> set[str]:
+    found: set[str] = set()
+    for sid in slot_ids:
+        row = conn.execute(
+            "SELECT 1 FROM reservations WHERE slot = ? AND state IN ('booked', 'held') LIMIT 1", (sid,)
+        ).fetchone()
+        if row is not None:
+            found.add(sid)
+    return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,19 +16,22 @@ from typing import Any
 import structlog
 
 from gateway.config import GatewayConfig
-from gateway.core import allocation, exits, slots, timers, upkeep
+from gateway.core import allocation, exits, reservations, slots, timers, upkeep
 from gateway.core.clock import SYSTEM_CLOCK, Clock, Timeline
 from gateway.core.domain import (
     Block,
+    CancelReservation,
     Command,
     CommandError,
     Enter,
     Exit,
     FireDue,
     Housekeeping,
+    Pay,
     RaiseAlert,
     RecordRejections,
     Reply,
+    Reserve,
     SensorChanges,
     Unblock,
 )
@@ -104,6 +108,9 @@ HANDLERS: dict[type[Command], Handler] = {
     Housekeeping: upkeep.housekeeping,
     RaiseAlert: upkeep.raise_alert,
     FireDue: timers.fire_due,
+    Reserve: reservations.reserve,
+    CancelReservation: reservations.cancel,
+    Pay: exits.pay,
 }
 
 
@@ -369,7 +376,7 @@ class Writer:
                 except CommandError as exc:
                     if not exc.keep_effects:
                         self._undo(txn, seq_before, events_before)
-                    reply = Reply.error(exc.code, exc.message)
+                    reply = Reply.error(exc.code, exc.message, **exc.extra)
                 self._remember(txn, keys, reply, verb_of(cmd))
             conn.execute("RELEASE cmd")
             return reply
@@ -438,5 +445,6 @@ class Writer:
 
 
 def verb_of(cmd: Command) -> str:
-    """The verb an idempotency key is stored with: the command's kind (`Enter` -> `enter`, as its request)."""
-    return type(cmd).__name__.lower()
+    """The verb an idempotency key is stored with: the command's kind (`CancelReservation` -> `cancel_reservation`,
+    as its request)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(cmd).__name__).lower()
