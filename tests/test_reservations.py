@@ -27,6 +27,10 @@ HOUR = 3600.0
 
 def config(state_dir: Path, port: int, *, policy: str = "deny", tariff: str = "", timezone: str = "UTC") -> Any:
     tariff = tariff or "free_minutes = 15\nper_hour = 250\ndaily_cap = 2000"
+    # The test's anonymous client is device, operator and pay station at once.
+    acl = state_dir.parent / "anonymous.acl"
+    acl.parent.mkdir(parents=True, exist_ok=True)
+    acl.write_text("topic readwrite #\n")
     return parse_config(
         f"""
 [gateway]
@@ -37,6 +41,7 @@ timezone = "{timezone}"
 embedded = true
 port = {port}
 allow_anonymous = true
+acl_file = "{acl}"
 [timing]
 reread_window = 30
 hold_ahead = 1800
