@@ -198,7 +198,7 @@ class WriterMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), delta=st.sampled_from([-1, 0, 100]), ref=st.sampled_from([f"p{i}" for i in range(6)]))
     def pay(self, data: st.DataObject, delta: int, ref: str) -> None:
-        active = self.conn.execute("SELECT * FROM sessions WHERE state = 'active' ORDER BY id").fetchall()
+        active = self.conn.execute("SELECT * FROM sessions WHERE state = 'active' ORDER BY rowid").fetchall()
         if not active:
             return
         session = data.draw(st.sampled_from(active))
