@@ -23,9 +23,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from structlog.typing import FilteringBoundLogger
 
+from gateway.mqtt import paho_speed
 from gateway.mqtt.tls import TlsOptions, client_context
 
 __all__ = ["Gate", "Incoming", "LinkOptions", "MqttLink"]
+
+paho_speed.install()  # every MQTT 5 PUBLISH in and PUBACK back builds a paho Properties
 
 # QoS>0 publishes in flight per connection: enough to fill a WAN round trip, small enough that the
 # messages to re-send after a broken connection stay few.
