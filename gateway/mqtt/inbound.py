@@ -24,6 +24,7 @@ import asyncio
 import functools
 import random
 import socket
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ _SUBACK_FAILURE = 0x80
 # A session queue drained at connect can put many messages ahead of the SUBACK: wait for it patiently.
 _SUBSCRIBE_TIMEOUT = 60.0
 _STOP_GRACE_S = 2.0
+_PUBACK = 0x40
+_PUBACK_PACKET = struct.Struct("!BBH")
+_READ_CHUNK = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +106,19 @@ class Level:
 
 
 class _Acks:
-    """One connection's received messages in arrival order; PUBACKs leave from the front, in that order."""
+    """One connection's received messages in arrival order; PUBACKs leave from the front, in that order.
 
-    __slots__ = ("_client", "_empty", "_order", "stuck")
+    The PUBACKs released in one pass of the event loop go out as one write (paho would make a packet, a
+    queue entry and a send() of each).
+    """
 
-    def __init__(self, client: paho.Client) -> None:
+    __slots__ = ("_client", "_empty", "_manual", "_order", "_scheduled", "_unsent", "stuck")
+
+    def __init__(self, client: paho.Client, *, manual: bool) -> None:
         self._client = client
+        self._manual = manual
+        self._unsent: list[int] = []
+        self._scheduled = False
         # [mid, state]: mid 0 for QoS 0 (nothing to acknowledge, still counted); state None while the handler
         # works, True when done, False when it was not committed.
         self._order: deque[list[Any]] = deque()
@@ -127,15 +138,24 @@ class _Acks:
         order = self._order
         if not order or order[0] is not entry:
             return  # an earlier message still waits; this one's PUBACK follows it
-        client = self._client
+        unsent = self._unsent
         while order and order[0][1] is True:
             mid = order.popleft()[0]
-            if mid:
-                client.ack(mid, 1)
+            if mid and self._manual:
+                unsent.append(mid)
+        if unsent and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
         if order and order[0][1] is False and not self.stuck.done():
             self.stuck.set_result(None)
         if not order and self._empty is not None and not self._empty.done():
             self._empty.set_result(None)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        mids, self._unsent = self._unsent, []
+        # PUBACK: type 4, remaining length 2, the packet id; the same bytes in 3.1.1 and in 5 (reason 0 omitted).
+        self._client._packet_queue(_PUBACK, b"".join(_PUBACK_PACKET.pack(_PUBACK, 2, mid) for mid in mids), 0, 0)
 
     def empty(self) -> asyncio.Future[None]:
         """Resolves once every message received so far is acknowledged."""
@@ -151,6 +171,9 @@ class _Client(aiomqtt.Client):
 
     aiomqtt reads one packet per event-loop wake-up into an unbounded queue and builds a task and a Topic per
     message; reading here stops at `pause` and resumes at `resume` (the socket leaves the selector meanwhile).
+    Three of paho's per-packet steps are replaced on this client only: its recv() calls are served from one
+    larger read, a received PUBLISH goes straight to the deque (paho would match it against per-topic callbacks
+    under two locks), and its debug lines are not formatted (the gateway shows libraries' warnings only).
     """
 
     def __init__(self, *args: Any, arrived: Callable[[], None], **kwargs: Any) -> None:
@@ -159,10 +182,37 @@ class _Client(aiomqtt.Client):
         self._arrived = arrived
         self._fd: int | None = None
         self.reading = False
+        # paho reads a packet in three recv() calls (type, length, rest); serve them from one larger read.
+        self._chunk = b""
+        self._at = 0
+        mqttc = self._client
+        mqttc._sock_recv = self._recv  # type: ignore[method-assign,assignment]
+        mqttc._handle_on_message = self._deliver  # type: ignore[method-assign]
+        mqttc._easy_log = self._log  # type: ignore[method-assign]
 
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+    def _recv(self, size: int) -> bytes:
+        if self._at >= len(self._chunk):
+            self._chunk = paho.Client._sock_recv(self._client, _READ_CHUNK)
+            self._at = 0
+            if not self._chunk:
+                return self._chunk  # end of stream
+        data = self._chunk[self._at : self._at + size]
+        self._at += len(data)
+        return data
+
+    def _buffered(self) -> bool:
+        if self._at < len(self._chunk):
+            return True
+        sock = self._client._sock
+        return sock is not None and getattr(sock, "pending", lambda: 0)() > 0  # TLS: decrypted already
+
+    def _deliver(self, message: paho.MQTTMessage) -> None:
         self.inbox.append(message)
         self._arrived()
+
+    def _log(self, level: int, fmt: str, *args: Any) -> None:
+        if level != paho.MQTT_LOG_DEBUG:
+            paho.Client._easy_log(self._client, level, fmt, *args)  # type: ignore[arg-type]
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         fd = sock.fileno()
@@ -187,9 +237,8 @@ class _Client(aiomqtt.Client):
             while self.reading:
                 rc = mqttc._packet_read()
                 if rc == paho.MQTT_ERR_AGAIN:
-                    sock = mqttc._sock
-                    if sock is not None and getattr(sock, "pending", lambda: 0)() > 0:
-                        self._loop.call_soon(self._readable)  # TLS bytes decrypted already: no wake-up for them
+                    if self._buffered():
+                        self._loop.call_soon(self._readable)  # bytes the socket will not wake us up for
                     return
                 if rc != paho.MQTT_ERR_SUCCESS:
                     mqttc._loop_rc_handle(rc)
@@ -329,7 +378,7 @@ class InboundLink:
         self._acks = None
 
     async def _serve(self, client: _Client) -> None:
-        acks = _Acks(client._client)
+        acks = _Acks(client._client, manual=self.options.persistent)
         self._client, self._acks = client, acks
         self.connected = True
         self._log.info("mqtt.connected", host=self.options.host, port=self.options.port, reconnects=self.reconnects)
