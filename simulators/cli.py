@@ -124,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--reorder-rate", type=float, default=0.0)
     a("--flap-rate", type=float, default=0.0)
     a("--misread-rate", type=float, default=0.0)
+    a("--reserve-share", type=float, default=0.0, help="traffic scenario: share of cars that reserve ahead")
+    a("--no-show-share", type=float, default=0.0, help="traffic scenario: share of reservations nobody comes for")
+    a("--pay-share", type=float, default=0.0, help="traffic scenario: share of cars that quote and pay first")
 
 
 def _site(args: argparse.Namespace) -> Site:
@@ -222,6 +225,9 @@ def _traffic(
         gateway_id=args.gateway_id or site.gateway_id or "demo",
         seed=args.seed,
         rate_curve=rush_hours if args.rush_hours else None,
+        reservation_share=args.reserve_share,
+        no_show_share=args.no_show_share,
+        pay_share=args.pay_share,
     )
 
 

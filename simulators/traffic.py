@@ -2,7 +2,9 @@
 
 The scenario learns the gateway's decisions only from the event stream (`<topic_root>/<gateway_id>/events`,
 contract §4): `session.started` / `entry.denied` for the car waiting longest at that entry gate,
-`session.ended` / `exit.unmatched` for the car at that exit gate.
+`session.ended` / `exit.unmatched` for the car at that exit gate. Some cars book ahead (`reserve`, and a share of
+those never come), some pay at a pay station before leaving (`quote`, then `pay` what is due): requests on
+`<topic_root>/<gateway_id>/request/<verb>`, answered on `.../response/<verb>` (contract §3.3).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import json
 import math
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
@@ -37,7 +41,14 @@ STAT_KEYS = (
     "left",
     "unmatched",
     "exit_no_decision",
+    "reserved",
+    "reserve_refused",
+    "no_show",
+    "paid",
+    "paid_amount",
+    "pay_failed",
 )
+REQUEST_TIMEOUT_S = 10.0
 
 
 def rush_hours(epoch: float) -> float:
@@ -73,6 +84,12 @@ class TrafficOptions:
     decision_timeout_s: float = 30
     max_arrivals: int | None = None
     rate_curve: Callable[[float], float] | None = None
+    # Reservations: this share of cars books first, `reserve_lead_s` ahead of its arrival; of those, this
+    # share never comes. Payment: this share of cars pays what is due at a pay station before the exit.
+    reservation_share: float = 0.0
+    no_show_share: float = 0.0
+    reserve_lead_s: tuple[float, float] = (5, 15)
+    pay_share: float = 0.0
 
 
 @dataclass
@@ -104,7 +121,10 @@ class TrafficScenario:
         self.fleet = fleet
         self.cameras = cameras
         self.options = options
-        self.events_topic = f"{options.topic_root}/{options.gateway_id}/events"
+        self.root = f"{options.topic_root}/{options.gateway_id}"
+        self.events_topic = f"{self.root}/events"
+        self.responses_topic = f"{self.root}/response/+"
+        self._requests: dict[str, asyncio.Future[Event]] = {}
         self.rng = random.Random(options.seed)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._entries: dict[str, deque[_Waiting]] = {}
@@ -121,6 +141,7 @@ class TrafficScenario:
     async def run(self, duration: float | None) -> None:
         """Run until `duration` seconds passed (None: no limit), or `max_arrivals` cars are done."""
         await self.client.subscribe(self.events_topic, qos=1)
+        await self.client.subscribe(self.responses_topic, qos=1)
         deadline = asyncio.timeout(duration)
         try:
             async with deadline, asyncio.TaskGroup() as tg:
@@ -133,6 +154,7 @@ class TrafficScenario:
             if not deadline.expired():
                 raise
         await self.client.unsubscribe(self.events_topic)
+        await self.client.unsubscribe(self.responses_topic)
 
     async def _arrivals(self, tg: asyncio.TaskGroup) -> None:
         opts = self.options
@@ -173,8 +195,61 @@ class TrafficScenario:
         finally:
             self._plates.discard(plate)
 
+    async def request(self, verb: str, body: dict[str, Any]) -> Event | None:
+        """A request to the gateway; its reply, or None after the timeout."""
+        transaction = uuid.uuid4().hex
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._requests[transaction] = fut
+        try:
+            payload = json.dumps({"transaction": transaction, **body})
+            await self.client.publish(f"{self.root}/request/{verb}", payload, qos=1)
+            return await asyncio.wait_for(fut, REQUEST_TIMEOUT_S)
+        except TimeoutError:
+            return None
+        finally:
+            self._requests.pop(transaction, None)
+
+    async def _book(self, plate: str) -> bool:
+        """Reserve ahead and drive there in time; False when the car turns out to be a no-show."""
+        opts, rng = self.options, self.rng
+        lead = rng.uniform(*opts.reserve_lead_s)
+        start = time.time() + lead
+        end = start + opts.dwell_s[1] + opts.park_delay_s[1] + opts.exit_delay_s[1] + 60
+        reply = await self.request(
+            "reserve",
+            {"reservation_id": f"res-{uuid.uuid4().hex[:12]}", "vehicle": plate, "lot": opts.lot,
+             "start": _rfc3339(start), "end": _rfc3339(end)},
+        )  # fmt: skip
+        if reply is None or reply.get("status") != "ok":
+            self.stats["reserve_refused"] += 1
+            return True  # comes anyway, as a walk-in
+        self.stats["reserved"] += 1
+        if rng.random() < opts.no_show_share:
+            self.stats["no_show"] += 1
+            return False
+        await asyncio.sleep(lead)
+        return True
+
+    async def _pay(self, session_id: str) -> None:
+        """At the pay station: what is due, then pay exactly that."""
+        quote = await self.request("quote", {"session_id": session_id})
+        data = quote.get("data") if quote and quote.get("status") == "ok" else None
+        if not isinstance(data, dict) or not isinstance(data.get("due"), int):
+            self.stats["pay_failed"] += 1
+            return
+        paid = await self.request(
+            "pay", {"session_id": session_id, "amount": data["due"], "payment_ref": f"pos-{uuid.uuid4().hex[:12]}"}
+        )
+        if paid is None or paid.get("status") != "ok":
+            self.stats["pay_failed"] += 1
+            return
+        self.stats["paid"] += 1
+        self.stats["paid_amount"] += data["due"]
+
     async def _visit(self, plate: str) -> None:
         opts, rng, loop = self.options, self.rng, asyncio.get_running_loop()
+        if rng.random() < opts.reservation_share and not await self._book(plate):
+            return
         camera = rng.choice(opts.entry_cameras)
         entry = _Waiting(plate, loop.create_future())
         started = await self._decision(self._entries.setdefault(self.gate_of(camera), deque()), entry, camera)
@@ -207,6 +282,9 @@ class TrafficScenario:
                 self._occupied.discard(slot)
         else:
             await asyncio.sleep(rng.uniform(*opts.dwell_s))
+        session_id = started.get("session_id")
+        if isinstance(session_id, str) and rng.random() < opts.pay_share:
+            await self._pay(session_id)
         await asyncio.sleep(rng.uniform(*opts.exit_delay_s))
         camera = rng.choice(opts.exit_cameras)
         leaving = _Waiting(plate, loop.create_future(), started.get("session_id"))
@@ -237,14 +315,20 @@ class TrafficScenario:
 
     async def _listen(self) -> None:
         async for message in self.client.messages:
-            if not message.topic.matches(self.events_topic) or not isinstance(message.payload, bytes):
+            if not isinstance(message.payload, bytes):
                 continue
             try:
-                event = json.loads(message.payload)
+                doc = json.loads(message.payload)
             except ValueError:
                 continue
-            if isinstance(event, dict):
-                self.on_event(event)
+            if not isinstance(doc, dict):
+                continue
+            if message.topic.matches(self.events_topic):
+                self.on_event(doc)
+            elif message.topic.matches(self.responses_topic):
+                fut = self._requests.get(str(doc.get("transaction")))
+                if fut is not None and not fut.done():
+                    fut.set_result(doc)
 
     def on_event(self, event: Event) -> None:
         """Hand a gateway event to the car it answers, if any car is waiting for it."""
@@ -272,3 +356,7 @@ class TrafficScenario:
             waiting[0],
         )
         match.decision.set_result(event)
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

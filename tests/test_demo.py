@@ -68,6 +68,10 @@ def test_demo_runs_for_its_duration_and_stops_cleanly() -> None:
     entered, lowest = check_summary(res.stdout)
     assert entered > 0
     assert lowest < DEMO_SLOTS
+    # Some cars booked ahead (a visit outlasts these 8 s: payments and revenue are the view's test's).
+    booked = re.search(r"reservations: (\d+) booked .*pay station: (\d+) paid", res.stdout)
+    assert booked is not None and int(booked[1]) > 0, res.stdout
+    assert "revenue so far:" in res.stdout
     store = re.search(r"store (\S+) \(temporary\)", res.stdout)
     assert store is not None and not Path(store[1]).exists()
 
@@ -198,3 +202,21 @@ def test_view_keeps_the_lowest_availability_and_ignores_other_roots() -> None:
     assert view.events_seen == 0
     assert view.lowest_available == {"lot1": 0}
     assert view.availability["lot1"]["available"] == 1
+
+
+def test_view_counts_reservations_and_revenue() -> None:
+    view = LiveView("parking/demo", io.StringIO(), tty=False)
+    events = [
+        {"seq": 1, "type": "reservation.created", "reservation_id": "r1", "slot": "L1-001"},
+        {"seq": 2, "type": "reservation.no_show", "reservation_id": "r1", "slot": "L1-001"},
+        {"seq": 3, "type": "payment.confirmed", "session_id": "s1", "amount": 300, "currency": "EUR"},
+        {"seq": 4, "type": "session.ended", "session_id": "s1", "fee": {"amount": 300, "currency": "EUR"}},
+        {"seq": 5, "type": "session.ended", "session_id": "s2", "fee": {"amount": 250, "currency": "EUR"}},
+        {"seq": 6, "type": "payment.requested", "session_id": "s2", "amount": 250, "currency": "EUR"},
+        {"seq": 7, "type": "session.ended", "session_id": "s3", "fee": {"amount": True, "currency": "EUR"}},
+    ]
+    for e in events:
+        view.handle("parking/demo/events", json.dumps(e).encode())
+    assert view.revenue_line() == ("revenue so far: 5.50 EUR (paid at pay stations 3.00 EUR, billed at exit 2.50 EUR)")
+    assert view.reservations_line() == "reservations: 1 created, 0 arrived, 0 moved, 1 no-show, 0 cancelled"
+    assert "revenue so far: 5.50 EUR" in view.frame() and "1 no-show" in view.frame()

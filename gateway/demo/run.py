@@ -45,6 +45,10 @@ WRONG_SLOT_SHARE = 0.1
 SENSOR_DUPLICATE_RATE = 0.05
 SENSOR_FLAP_RATE = 0.1
 CAMERA_MISREAD_RATE = 0.05
+RESERVATION_SHARE = 0.25
+NO_SHOW_SHARE = 0.3
+RESERVE_LEAD_S = (5.0, 12.0)
+PAY_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,12 @@ def choose_port(host: str, configured: int, requested: int | None) -> tuple[int,
 
 
 def demo_config(base: GatewayConfig, port: int, state_dir: Path) -> GatewayConfig:
-    broker = base.broker.model_copy(update={"port": port})
+    # The simulated pay station and booking clients are anonymous, like the devices: on the demo's loopback
+    # broker they may also request (the default rule lets anonymous clients only publish device input).
+    acl = state_dir / "demo.acl"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    acl.write_text("topic readwrite #\n")
+    broker = base.broker.model_copy(update={"port": port, "acl_file": str(acl)})
     gateway = base.gateway.model_copy(update={"state_dir": str(state_dir)})
     return base.model_copy(update={"broker": broker, "gateway": gateway})
 
@@ -248,6 +257,10 @@ class _Demo:
             topic_root=self.config.gateway.topic_root,
             gateway_id=self.config.gateway.id,
             seed=rng.getrandbits(32),
+            reservation_share=RESERVATION_SHARE,
+            no_show_share=NO_SHOW_SHARE,
+            reserve_lead_s=RESERVE_LEAD_S,
+            pay_share=PAY_SHARE,
         )
         self.cameras = self.scenario.cameras
         return self.scenario
@@ -263,6 +276,9 @@ class _Demo:
             f"  cars: {stats.get('arrivals', 0)} arrived, {stats.get('entered', 0)} entered, "
             f"{stats.get('left', 0)} left, {stats.get('denied', 0)} denied, "
             f"{stats.get('no_decision', 0) + stats.get('exit_no_decision', 0)} without a decision",
+            f"  reservations: {stats.get('reserved', 0)} booked ({stats.get('no_show', 0)} no-shows), "
+            f"{stats.get('reserve_refused', 0)} refused; pay station: {stats.get('paid', 0)} paid",
+            "  " + view.revenue_line(),
             f"  events seen: {view.events_seen}" + (f" ({by_type})" if by_type else ""),
             f"  device messages: {sum(self._counters().values())} "
             f"({', '.join(f'{n} {k}' for k, n in self._counters().items())})",

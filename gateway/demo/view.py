@@ -1,6 +1,8 @@
 """A live terminal view of one gateway, fed only by its MQTT topics (contract §3.2, §4).
 
-It subscribes to `R/status`, `R/lots/+/availability`, `R/events` and `R/health`; the only other input is
+It subscribes to `R/status`, `R/lots/+/availability`, `R/events` and `R/health`; reserved slots come from the
+availability documents, reservations and revenue from the events (`reservation.*`, `session.ended` fees,
+`payment.confirmed`, `payment.requested`). The only other input is
 an optional callable returning monotonic counters (e.g. a simulator's published messages) shown as rates.
 On a terminal it redraws in place (ANSI clear-and-home, at most 4 times a second); elsewhere (CI, pipes)
 it prints one plain summary line every 2 s, without escape codes.
@@ -31,6 +33,7 @@ RATE_WINDOW_S = 5.0
 BAR_WIDTH = 24
 COUNT_KEYS = ("available", "occupied", "reserved", "blocked")
 # The fields that tell one event line apart, in the order they are shown (contract §4).
+RESERVATION_KINDS = ("created", "arrived", "moved", "no_show", "cancelled")
 EVENT_FIELDS = ("slot", "from_slot", "to_slot", "gate", "zone", "reason", "code", "reservation_id")
 
 
@@ -114,6 +117,10 @@ class LiveView:
         self.seq_gaps = 0
         self.invalid = 0
         self._rates: dict[str, _Rate] = {}
+        # Minor units per currency: fees of ended sessions, paid at pay stations, billed at the exit.
+        self.revenue: Counter[str] = Counter()
+        self.paid: Counter[str] = Counter()
+        self.billed: Counter[str] = Counter()
 
     @property
     def filters(self) -> list[str]:
@@ -160,7 +167,16 @@ class LiveView:
     def _event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         self.events_seen += 1
-        self.events_by_type[str(event.get("type", "?"))] += 1
+        kind = str(event.get("type", "?"))
+        self.events_by_type[kind] += 1
+        money = event.get("fee") if kind == "session.ended" else event
+        if isinstance(money, dict):
+            amount, currency = money.get("amount"), money.get("currency")
+            if isinstance(amount, int) and not isinstance(amount, bool) and isinstance(currency, str):
+                bucket = {"session.ended": self.revenue, "payment.confirmed": self.paid}.get(kind)
+                bucket = self.billed if kind == "payment.requested" else bucket
+                if bucket is not None:
+                    bucket[currency] += amount
         seq = event.get("seq")
         if isinstance(seq, int):
             # QoS 1 may redeliver; only a jump forward is a loss.
@@ -205,10 +221,26 @@ class LiveView:
                     ]
         if not self.availability:
             lines += ["", "no availability published yet"]
+        lines += ["", self.reservations_line(), self.revenue_line()]
         gaps = f", {self.seq_gaps} missing by seq" if self.seq_gaps else ""
         lines += ["", f"events: {self.events_seen} seen{gaps}; latest:"]
         lines += ["  " + event_line(e) for e in reversed(self.events)]
         return "\n".join(line[:width] for line in lines)
+
+    def reservations_line(self) -> str:
+        counts = {k: self.events_by_type.get(f"reservation.{k}", 0) for k in RESERVATION_KINDS}
+        return "reservations: " + ", ".join(f"{n} {k.replace('_', '-')}" for k, n in counts.items())
+
+    def revenue_line(self) -> str:
+        """Fees of the sessions that ended so far, and how they were settled."""
+
+        def money(c: Counter[str]) -> str:
+            return " + ".join(f"{n / 100:.2f} {cur}" for cur, n in sorted(c.items())) or "0.00"
+
+        return (
+            f"revenue so far: {money(self.revenue)} (paid at pay stations {money(self.paid)}, "
+            f"billed at exit {money(self.billed)})"
+        )
 
     def summary_line(self) -> str:
         """One plain line: status, availability per lot, rates, the latest event."""
@@ -216,6 +248,8 @@ class LiveView:
         for lot, doc in sorted(self.availability.items()):
             parts.append(f"{lot}: {_count(doc, 'available')}/{_count(doc, 'total')} available")
         parts.append(f"events={self.events_seen}")
+        if self.revenue:
+            parts.append(self.revenue_line().removesuffix(")").replace(" (", "; "))
         parts.append(self._rates_text())
         if self.events:
             parts.append("last " + event_line(self.events[-1]))
