@@ -32,11 +32,12 @@ from typing import Any
 from gateway.config import GatewayConfig, parse_config
 from gateway.core import allocation
 from gateway.core.clock import iso_ms
-from gateway.core.domain import Enter, Exit
+from gateway.core.domain import Enter, Exit, Reserve
+from gateway.core.exits import elapsed_s
 from gateway.core.plates import PlateKey
 from gateway.core.pricing import fee
 from gateway.core.settings import Tariff
-from gateway.core.slots import alloc_rank, derive_status
+from gateway.core.slots import HOLDS, alloc_rank, derive_status
 from gateway.store.schema import Synchronous, connect, db_path, migrate
 from gateway.store.settings import tariff_from_config
 from gateway.store.sync import sync_config
@@ -46,6 +47,7 @@ KEY = PlateKey(b"k" * 32)
 LOT = "lot1"
 GATE_IN = "in1"
 GATE_OUT = "out1"
+HOLD_AHEAD = 1800.0  # [timing] hold_ahead's default, as in bench_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +167,16 @@ class RawStore:
             "SELECT lot, zone, status, blocked, sensor_state, alloc_rank FROM slots WHERE id = ?", (slot,)
         ).fetchone()
         session = self.conn.execute("SELECT id FROM sessions WHERE slot = ? AND state = 'active'", (slot,)).fetchone()
-        new = derive_status(session is not None, bool(blocked), sensor_state)
-        rank = alloc_rank(sensor_state)
+        held, ahead = self.conn.execute(HOLDS, (slot,)).fetchone()
+        new = derive_status(session is not None, bool(blocked), sensor_state, bool(held))
+        rank = alloc_rank(sensor_state, bool(ahead))
         if new != status:
             self.conn.execute(
                 "UPDATE slots SET status = ?, since = ?, alloc_rank = ? WHERE id = ?", (new, now, rank, slot)
             )
+            if "occupied" in (new, status):
+                step = 1 if new == "occupied" else -1
+                self.conn.execute("UPDATE lots SET occupied = occupied + ? WHERE id = ?", (step, lot))
             self._emit(
                 now, "slot.status", slot=slot, lot=lot, zone=zone, status=new, sensor=sensor_state, reason=reason
             )
@@ -185,12 +191,19 @@ class RawStore:
         ).fetchone()
         if existing is not None:
             raise RuntimeError(f"{p} is already parked")
+        booked = self.conn.execute(
+            "SELECT * FROM reservations WHERE lot = ? AND vehicle = ? AND state IN ('booked', 'held')"
+            " AND start_at <= ? ORDER BY start_at",
+            (LOT, token, now + HOLD_AHEAD),
+        ).fetchall()
+        if booked:
+            raise RuntimeError(f"{p} has a reservation")
         slot, zone = self.conn.execute(allocation._PICK_ANY_ZONE, (LOT, "standard")).fetchone()
         session_id = str(uuid.uuid4())
         self.conn.execute(
-            "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, entry_gate, started_at, confirmed_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)",
-            (session_id, LOT, zone, slot, p, token, GATE_IN, now, now),
+            "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, entry_gate, reservation_id, started_at,"
+            " confirmed_at, factor) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+            (session_id, LOT, zone, slot, p, token, GATE_IN, None, now, now, "1"),
         )
         self._emit(
             now,
@@ -214,8 +227,8 @@ class RawStore:
         ).fetchall()
         session_id, lot, _zone, slot, _plate, vehicle = rows[0][:6]
         started_at = rows[0][10]
-        duration = max(0, round(now - started_at))
-        amount = fee(self.tariff, started_at, now, 1)
+        duration = elapsed_s(started_at, now)
+        amount = fee(self.tariff, started_at, started_at + duration, 1)
         currency = self.tariff.currency if self.tariff is not None else None
         self.conn.execute(
             "UPDATE sessions SET state = 'ended', ended_at = ?, exit_gate = ?, duration_s = ?, fee_amount = ?,"
@@ -233,6 +246,7 @@ class RawStore:
             duration_s=duration,
             fee={"amount": amount, "currency": currency},
         )
+        self.conn.execute("DELETE FROM exit_refusals WHERE session_id = ?", (session_id,))
         self._refresh(now, slot, "session.ended")
         self.conn.execute("RELEASE cmd")
 
@@ -412,6 +426,85 @@ async def measure(
     return results
 
 
+@dataclass(frozen=True, slots=True)
+class ReservedResult:
+    """Enter+exit pairs/s in a lot with future reservations next to the same lot without; `reserve` commands/s."""
+
+    slots: int
+    reservations: int
+    slots_booked: int
+    synchronous: str
+    clients: int
+    reserve_s: float
+    plain_pairs_s: float
+    reserved_pairs_s: float
+    ratio: float
+
+
+async def _reserver(w: Writer, client: int, count: int, clients: int, base: float) -> None:
+    for n in range(count):
+        i = n * clients + client
+        # Starts spread over a week from two days ahead (no hold begins while measuring), 1 to 4 hours long.
+        start = base + 2 * 86400 + (i * 7919 % (7 * 96)) * 900
+        end = start + 3600 * (1 + i % 4)
+        r = await w.submit(Reserve(reservation_id=f"r{i}", vehicle=f"R{i:07d}", lot=LOT, start=start, end=end))
+        if not r.ok:
+            raise RuntimeError(f"reserve r{i}: {r.code} {r.message}")
+
+
+async def measure_reserved(
+    root: Path, slots: int, reservations: int, sync: Synchronous, clients: int, pairs: int, warmup: int, repeat: int
+) -> ReservedResult:
+    """Fill one lot with `reservations` future reservations (timing `reserve`), then interleave enter+exit
+    segments on it and on the same lot without any."""
+    writers: list[tuple[Writer, asyncio.Task[None]]] = []
+    try:
+        for name in ("plain", "reserved"):
+            cfg = bench_config(root / f"{name}-{slots}-{sync}", slots)
+            w = Writer(db_path(cfg.state_path()), cfg, KEY, synchronous=sync)
+            writers.append((w, asyncio.create_task(w.run())))
+            await w.wait_ready()
+        (plain, _), (booked, _) = writers
+        per = reservations // clients
+        t0 = time.perf_counter()
+        base = time.time()
+        await asyncio.gather(*(_reserver(booked, c, per, clients, base) for c in range(clients)))
+        reserve_s = per * clients / (time.perf_counter() - t0)
+        conn = booked._conn
+        assert conn is not None
+        slots_booked = conn.execute("SELECT COUNT(DISTINCT slot) FROM reservations").fetchone()[0]
+        warm, per_client = max(1, warmup // clients), max(1, pairs // (clients * repeat))
+        for w in (plain, booked):
+            await writer_segment(w, clients, 0, warm)
+        runs: dict[str, list[float]] = {"plain": [], "reserved": []}
+        for i in range(repeat):
+            for name, w in (("plain", plain), ("reserved", booked)):
+                rate, _ = await writer_segment(w, clients, warm + i * per_client, per_client)
+                runs[name].append(rate)
+    finally:
+        for _, task in writers:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    plain_s, reserved_s = statistics.median(runs["plain"]), statistics.median(runs["reserved"])
+    return ReservedResult(
+        slots, per * clients, slots_booked, sync, clients, reserve_s, plain_s, reserved_s, reserved_s / plain_s
+    )
+
+
+def reserved_table(results: list[ReservedResult]) -> str:
+    lines = [
+        "| slots | future reservations (slots holding them) | synchronous | reserve/s | pairs/s without"
+        " | pairs/s with | with/without |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.slots:,} | {r.reservations:,} ({r.slots_booked:,}) | {r.synchronous} | {r.reserve_s:,.0f}"
+            f" | {r.plain_pairs_s:,.0f} | {r.reserved_pairs_s:,.0f} | {r.ratio:.0%} |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[Result]) -> str:
     lines = [
         "| slots | synchronous | writer pairs/s | raw pairs/s (same batching) | writer/raw | raw pairs/s (1 cmd/txn)"
@@ -460,12 +553,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=640, help="pairs before measuring (640)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved measured segments per path (3)")
     ap.add_argument("--clients", type=int, default=64, help="concurrent clients on the writer path (64)")
+    ap.add_argument(
+        "--reservations",
+        type=int,
+        default=10000,
+        help="the reservations row: this many future reservations in a lot of --reservation-slots (10000; 0: skip)",
+    )
+    ap.add_argument("--reservation-slots", type=int, default=10000, help="the reservations row's lot size (10000)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 1000 slots, few pairs")
     ap.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON ('-': stdout)")
     ap.add_argument("--dir", type=Path, help="where the stores go (default: a temporary directory)")
     args = ap.parse_args(argv)
     if args.quick:
         args.slots, args.pairs, args.warmup, args.repeat = [1000], 400, 64, 2
+        args.reservations, args.reservation_slots = 640, 1000
     if min(args.clients, args.pairs, args.repeat) < 1:
         ap.error("--clients, --pairs and --repeat must be positive")
 
@@ -485,6 +586,21 @@ def main(argv: list[str] | None = None) -> None:
                     f"  raw1 {r.raw_1cmd_pairs_s:8,.0f}  batch {r.avg_batch:5.1f}",
                     file=sys.stderr,
                 )
+        reserved: list[ReservedResult] = []
+        if args.reservations > 0:
+            for sync in args.sync:
+                r = asyncio.run(
+                    measure_reserved(
+                        root, args.reservation_slots, args.reservations, sync, args.clients, args.pairs,
+                        args.warmup, args.repeat,
+                    )
+                )  # fmt: skip
+                reserved.append(r)
+                print(
+                    f"{r.slots:>7,} {sync:<6} reserve {r.reserve_s:8,.0f}/s  pairs without {r.plain_pairs_s:8,.0f}"
+                    f"  with {r.reserved_pairs_s:8,.0f} ({r.ratio:.0%})",
+                    file=sys.stderr,
+                )
         load_after = os.getloadavg()
     print(
         f"{args.clients} clients; {results[0].pairs} measured pairs per path in {args.repeat} interleaved segments"
@@ -494,6 +610,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     if len(args.slots) > 1:
         print("\n" + scaling(results))
+    if reserved:
+        print("\n" + reserved_table(reserved))
     if args.json is not None:
         meta = {
             "python": platform.python_version(),
@@ -503,7 +621,9 @@ def main(argv: list[str] | None = None) -> None:
             "loadavg_after": load_after,
             "repeat": args.repeat,
         }
-        doc = json.dumps({"run": meta, "results": [asdict(r) for r in results]}, indent=2)
+        doc = json.dumps(
+            {"run": meta, "results": [asdict(r) for r in results], "reserved": [asdict(r) for r in reserved]}, indent=2
+        )
         if str(args.json) == "-":
             print(doc)
         else:

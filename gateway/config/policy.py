@@ -19,6 +19,7 @@ class PolicyConfig(StrictModel):
     )
     exit_unpaid: Literal["deny", "bill_later"] = Field(
         "deny",
-        description="`deny`: `payment_required`, the barrier stays closed; `bill_later`: open and publish "
-        "`payment.requested`.",
+        description="An exit with something due (fee less payments; nothing within `paid_until`): `deny`: refused"
+        " `payment_required` with `due` and `currency`, the barrier stays closed and the session active; `bill_later`:"
+        " the exit opens and `payment.requested` carries what is unpaid.",
     )

@@ -184,7 +184,12 @@ class TariffConfig(StrictModel):
         description="Most charged for each started 24 hours counted from the entry (not per calendar day), minor "
         "units; unset: no cap.",
     )
-    exit_grace_minutes: int = Field(10, ge=0, description="Time to leave after payment.")
+    exit_grace_minutes: int = Field(
+        10,
+        ge=0,
+        description="Time to leave after payment: `pay` answers `paid_until` = now + this, and an exit until then has"
+        " nothing more due, even if an hour started meanwhile.",
+    )
     occupancy_multipliers: list[OccupancyMultiplier] = Field(
         [],
         description="Surge pricing, by strictly increasing `from`; the band with the highest `from` not above the "

@@ -22,9 +22,18 @@ class TimingConfig(StrictModel):
     vacate_grace: float = Field(
         600, gt=0, description="A session's slot vacant this long with no exit: the slot is released."
     )
-    hold_ahead: float = Field(1800, gt=0, description="A reserved slot is held from start - hold_ahead.")
+    hold_ahead: float = Field(
+        1800,
+        gt=0,
+        description="A reserved slot is held (status `reserved`) from start - hold_ahead, or from the end of that"
+        " slot's previous reservation when that is later; the reserved vehicle's plate at an entry from then on gets"
+        " it (earlier it is a walk-in).",
+    )
     no_show_after: float = Field(
-        1800, gt=0, description="A reservation is released when nobody came by start + no_show_after."
+        1800,
+        gt=0,
+        description="A reservation nobody came for is released (`reservation.no_show`) at start + no_show_after,"
+        " or at its `end` when that is sooner.",
     )
     idempotency_ttl: float = Field(
         86400, gt=0, description="How long request transactions and camera event ids are remembered."

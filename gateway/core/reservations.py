@@ -41,16 +41,28 @@ LIVE = "state IN ('booked', 'held')"
 
 # A slot of (lot, type, status), in allocation order within an alloc_rank range, free of every live reservation
 # overlapping [s, e): the scalar subquery is one seek of reservations_live_slot per candidate slot.
-_FREE_FOR = (
-    "SELECT id, zone FROM slots INDEXED BY slots_alloc_type"
+_CANDIDATES = (
+    " FROM slots INDEXED BY slots_alloc_type"
     " WHERE lot = :lot AND type = :type AND status = :status AND alloc_rank >= :lo AND alloc_rank < :hi"
     " AND id != :own{zone}"
+)
+_FREE = (
     " AND COALESCE((SELECT r.start_at FROM reservations r WHERE r.slot = slots.id AND r." + LIVE + ""
     " AND r.end_at > :s ORDER BY r.end_at LIMIT 1), :e) >= :e"
-    " ORDER BY alloc_rank, fill_order LIMIT 1"
 )
-_FREE_ANY_ZONE = _FREE_FOR.format(zone="")
-_FREE_IN_ZONE = _FREE_FOR.format(zone=" AND zone = :zone")
+_ORDER = " ORDER BY alloc_rank, fill_order"
+_FREE_ANY_ZONE = "SELECT id, zone" + _CANDIDATES.format(zone="") + _FREE + _ORDER + " LIMIT 1"
+_FREE_IN_ZONE = "SELECT id, zone" + _CANDIDATES.format(zone=" AND zone = :zone") + _FREE + _ORDER + " LIMIT 1"
+_FIRST_ANY_ZONE = "SELECT id, zone" + _CANDIDATES.format(zone="") + _ORDER + " LIMIT :n"
+_FIRST_IN_ZONE = "SELECT id, zone" + _CANDIDATES.format(zone=" AND zone = :zone") + _ORDER + " LIMIT :n"
+_SLOT_FREE = (
+    "SELECT COALESCE((SELECT start_at FROM reservations WHERE slot = :slot AND " + LIVE + ""
+    " AND end_at > :s ORDER BY end_at LIMIT 1), :e) >= :e"
+)
+# Packing looks at this many slots that already have reservations before taking a clean one: bounded, so a
+# lot where every booked slot is taken for the requested time (everyone books the same evening) costs
+# PACK seeks per reservation before the clean slot, not one per booked slot.
+PACK = 32
 
 
 ReservationEvent = (
@@ -94,13 +106,16 @@ def find_slot(
     """
     statuses = ("available",) if now_only else ("available", "reserved", "occupied")
     ahead = slots.RESERVED_AHEAD
-    sql = _FREE_ANY_ZONE if zone is None else _FREE_IN_ZONE
+    free, first = (_FREE_ANY_ZONE, _FIRST_ANY_ZONE) if zone is None else (_FREE_IN_ZONE, _FIRST_IN_ZONE)
     for type_ in types:
         for status in statuses:
-            for lo, hi in ((ahead, 2 * ahead), (0, ahead)):
-                args = {"lot": lot, "type": type_, "status": status, "lo": lo, "hi": hi, "own": own}
-                args.update(s=start, e=end, zone=zone)
-                row = txn.conn.execute(sql, args).fetchone()
+            args = {"lot": lot, "type": type_, "status": status, "own": own, "zone": zone, "s": start, "e": end}
+            # The first PACK slots with reservations, then clean slots, then every slot with reservations.
+            for slot, slot_zone in txn.conn.execute(first, {**args, "lo": ahead, "hi": 2 * ahead, "n": PACK}):
+                if txn.conn.execute(_SLOT_FREE, {"slot": slot, "s": start, "e": end}).fetchone()[0]:
+                    return str(slot), str(slot_zone), type_
+            for lo, hi in ((0, ahead), (ahead, 2 * ahead)):
+                row = txn.conn.execute(free, {**args, "lo": lo, "hi": hi}).fetchone()
                 if row is not None:
                     return str(row[0]), str(row[1]), type_
     return None
