@@ -32,6 +32,7 @@ from gateway.services.ingress import Ingress
 from gateway.services.lifecycle import Service, serve
 from gateway.services.publisher import Publisher, health_document
 from gateway.services.requests import Requests
+from gateway.services.systemd import Systemd
 from gateway.store.reads import ReadStore
 from gateway.store.schema import db_path
 from gateway.store.settings import settings_from_config
@@ -122,6 +123,7 @@ class Gateway:
         self.publisher = Publisher(self.link, self.topics, self.reads, self.writer, health=self._health, clock=clock)
         self.housekeeping = Housekeeping(self.writer, clock=clock)
         self.deadlines = Deadlines(self.writer, clock=clock)
+        self.systemd = Systemd(self.link, self.writer, clock=clock)
 
     def services(self) -> list[Service]:
         """In start order; adding a service is one line here."""
@@ -136,6 +138,7 @@ class Gateway:
             self.housekeeping,
             self.deadlines,
             self.inbound,
+            self.systemd,  # last: READY=1 once everything runs, STOPPING=1 first on the way down
         ]
 
     def stop(self) -> None:

@@ -158,6 +158,11 @@ class Housekeeping(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Ping(Command):
+    """A round trip through the writer that changes nothing: proof that it makes progress (systemd watchdog)."""
+
+
+@dataclass(frozen=True, slots=True)
 class FireDue(Command):
     """Run the deadlines whose time has come (gateway/core/timers.py)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.core.domain import Housekeeping, RaiseAlert, RecordRejections
+from gateway.core.domain import Housekeeping, Ping, RaiseAlert, RecordRejections
 from gateway.core.txn import Txn
 
 LOCAL_EVENTS_KEPT_S = 7 * 86400.0
@@ -41,3 +41,8 @@ def housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
         # Deleting a prefix keeps the remaining seq range contiguous.
         trimmed = txn.conn.execute("DELETE FROM outbox WHERE created_at < ?", (txn.now - LOCAL_EVENTS_KEPT_S,)).rowcount
     return {"idempotency_expired": gone, "plates_erased": erased, "outbox_trimmed": trimmed}
+
+
+def ping(txn: Txn, cmd: Ping) -> dict[str, Any]:
+    """Nothing: the writer got this far (gateway/services/systemd.py)."""
+    return {}
