@@ -41,6 +41,8 @@ from gateway.store.writer import Writer
 
 log = structlog.get_logger("gateway")
 
+QUEUE_MAX = 10_000  # events and replies waiting for the broker, beside the retained states
+
 
 def _secret(password: str | None, password_file: str | None) -> str | None:
     if password_file is not None:
@@ -103,6 +105,9 @@ class Gateway:
                 password=password,
                 tls=tls,
                 protocol=protocol,
+                # Retained states (one per slot, lot, ...) are never dropped, so the bound is for the rest: below
+                # the number of slots it would be exceeded by the start's own states and scanned on every publish.
+                queue_max=QUEUE_MAX + len(config.slot_specs()) + len(config.lots) + len(config.gates) + 16,
             ),
             on_message=_no_input,
             log=log,

@@ -219,3 +219,14 @@ async def test_one_daemon_per_store_with_private_files(tmp_path: Path, umask: in
         first.send_signal(signal.SIGTERM)
         _, raw = await asyncio.wait_for(first.communicate(), 20)
     assert first.returncode == 0, raw.decode()
+
+
+def test_the_daemon_loads_no_rich_off_a_terminal() -> None:
+    # structlog's console renderer imports rich when it can (about 5 MiB resident): JSON lines never need it.
+    code = (
+        "import sys, gateway.app, gateway.cli, gateway.logs; gateway.logs.configure()\n"
+        "print(sorted(m for m, mod in sys.modules.items() if mod is not None and m.split('.')[0] == 'rich'))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -93,6 +93,8 @@ class SensorTracker:
 
     def seed(self, sensor_id: str, occupied: bool | None) -> None:
         """Set the committed state from the store, so only real changes are emitted."""
+        if occupied is None and sensor_id not in self._sensors:
+            return  # the same as a sensor never seen: no entry until it reports (10,000s of them at a start)
         sensor = self._sensors.setdefault(sensor_id, _Sensor())
         sensor.emitted = occupied
         if sensor.pending is not None and sensor.pending == occupied:

@@ -91,8 +91,8 @@ class Ingress:
 
     async def start(self) -> None:
         """Seed the tracker with the committed sensor states, so a restart does not re-emit what is known."""
-        for row in await self._reads.slots():
-            self.tracker.seed(row["sensor_id"], {"occupied": True, "vacant": False}.get(row["sensor"]))
+        for sensor, occupied in await self._reads.sensor_states():
+            self.tracker.seed(sensor, occupied)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

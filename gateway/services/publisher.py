@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +29,34 @@ HEALTH_EVERY = 30.0
 
 def _dumps(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class _Slot:
+    """One slot's published state. Compact, for 10,000s of slots on a Pi: slots instead of a dict, the words
+    that repeat across slots interned, `since` a float until it is published."""
+
+    __slots__ = ("lot", "sensor", "session", "since", "status", "type", "zone")
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.lot: str = sys.intern(row["lot"])
+        self.zone: str = sys.intern(row["zone"])
+        self.type: str = sys.intern(row["type"])
+        self.status: str = sys.intern(row["status"])
+        self.since: float | str = row["since"]  # the store's time, or an event's `ts` (already ISO)
+        self.sensor: str = sys.intern(row["sensor"])
+        self.session: str | None = row["session"]
+
+    def doc(self, slot_id: str) -> dict[str, Any]:
+        return {
+            "slot": slot_id,
+            "lot": self.lot,
+            "zone": self.zone,
+            "type": self.type,
+            "status": self.status,
+            "since": iso_ms(self.since) if isinstance(self.since, float) else self.since,
+            "sensor": self.sensor,
+            "session": self.session,
+        }
 
 
 class Publisher:
@@ -53,7 +82,7 @@ class Publisher:
         self._clock = clock
         self._health = health
         self._every = availability_every
-        self.slots: dict[str, dict[str, Any]] = {}
+        self.slots: dict[str, _Slot] = {}
         self.lots: list[str] = []
         self._counts: dict[str, Counter[tuple[str, str, str]]] = {}
         self._dirty: set[str] = set()
@@ -62,23 +91,14 @@ class Publisher:
 
     async def start(self) -> None:
         """Seed the slot view from the store, follow the commits, queue every retained state."""
-        for row in await self._reads.slots():
-            self.slots[row["slot"]] = {
-                "slot": row["slot"],
-                "lot": row["lot"],
-                "zone": row["zone"],
-                "type": row["type"],
-                "status": row["status"],
-                "since": iso_ms(row["since"]),
-                "sensor": row["sensor"],
-                "session": row["session"],
-            }
-        self.lots = sorted({s["lot"] for s in self.slots.values()})
+        async for row in self._reads.slots():
+            self.slots[row["slot"]] = _Slot(row)
+        self.lots = sorted({s.lot for s in self.slots.values()})
         # Slots per (zone, type, status) for each lot, kept in step with `slots`: an availability document
         # costs the number of zones and types, not the number of slots.
         self._counts = {lot: Counter() for lot in self.lots}
         for slot in self.slots.values():
-            self._counts[slot["lot"]][(slot["zone"], slot["type"], slot["status"])] += 1
+            self._counts[slot.lot][(slot.zone, slot.type, slot.status)] += 1
         self._writer.add_listener(self.on_commit)
         self.publish_all()
 
@@ -90,8 +110,8 @@ class Publisher:
 
     def publish_all(self) -> None:
         """Every retained state; the link re-publishes them after each reconnect."""
-        for slot in self.slots.values():
-            self._link.publish(self._topics.slot(slot["slot"]), _dumps(slot), qos=1, retain=True)
+        for slot_id, slot in self.slots.items():
+            self._link.publish(self._topics.slot(slot_id), _dumps(slot.doc(slot_id)), qos=1, retain=True)
         for lot in self.lots:
             self._publish_availability(lot)
 
@@ -104,25 +124,25 @@ class Publisher:
             match envelope.event:
                 case SlotStatus(slot=slot_id, status=status, sensor=sensor) if slot_id in self.slots:
                     slot = self.slots[slot_id]
-                    if status != slot["status"]:
-                        counts = self._counts[slot["lot"]]
-                        counts[(slot["zone"], slot["type"], slot["status"])] -= 1
-                        counts[(slot["zone"], slot["type"], status)] += 1
-                        slot["status"] = status
-                        slot["since"] = envelope.ts  # as in the store: since the status, not the sensor, changed
-                        self._dirty.add(slot["lot"])
-                    slot["sensor"] = sensor
+                    if status != slot.status:
+                        counts = self._counts[slot.lot]
+                        counts[(slot.zone, slot.type, slot.status)] -= 1
+                        counts[(slot.zone, slot.type, status)] += 1
+                        slot.status = sys.intern(status)
+                        slot.since = envelope.ts  # as in the store: since the status, not the sensor, changed
+                        self._dirty.add(slot.lot)
+                    slot.sensor = sys.intern(sensor)
                 case SessionStarted(slot=str(slot_id), session_id=session_id) if slot_id in self.slots:
-                    self.slots[slot_id]["session"] = session_id
+                    self.slots[slot_id].session = session_id
                 case SessionEnded(slot=str(slot_id), session_id=session_id) if (
-                    slot_id in self.slots and self.slots[slot_id]["session"] == session_id
+                    slot_id in self.slots and self.slots[slot_id].session == session_id
                 ):
-                    self.slots[slot_id]["session"] = None
+                    self.slots[slot_id].session = None
                 case _:
                     continue
             touched.add(slot_id)
         for slot_id in touched:
-            self._link.publish(self._topics.slot(slot_id), _dumps(self.slots[slot_id]), qos=1, retain=True)
+            self._link.publish(self._topics.slot(slot_id), _dumps(self.slots[slot_id].doc(slot_id)), qos=1, retain=True)
         if self._dirty:
             self._wakeup.set()
 

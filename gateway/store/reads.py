@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ class ReadStore:
         if self._db is None:
             self._db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
             await self._db.execute("PRAGMA busy_timeout=5000")
+            # Reads are index probes and small scans: a small page cache (the writer keeps SQLite's 2 MiB).
+            await self._db.execute("PRAGMA cache_size=-256")
 
     async def run(self) -> None:
         return
@@ -48,15 +51,23 @@ class ReadStore:
             rows = [(str(z), str(t), str(s), int(n)) for z, t, s, n in await cur.fetchall()]
         return availability.fold(lot, rows)
 
-    async def slots(self) -> list[dict[str, Any]]:
+    async def slots(self) -> AsyncIterator[dict[str, Any]]:
         sql = (
             "SELECT t.id, t.lot, t.zone, t.type, t.status, t.since, t.sensor, t.sensor_state,"
             " (SELECT s.id FROM sessions s WHERE s.slot = t.id AND s.state = 'active') FROM slots t"
             " ORDER BY t.lot, t.fill_order"
         )
         keys = ("slot", "lot", "zone", "type", "status", "since", "sensor_id", "sensor", "session")
+        # Streamed, 64 rows a hop: 10,000s of rows held at once would stay as RSS after they are freed.
         async with self._conn.execute(sql) as cur:
-            return [dict(zip(keys, row, strict=True)) for row in await cur.fetchall()]
+            async for row in cur:
+                yield dict(zip(keys, row, strict=True))
+
+    async def sensor_states(self) -> list[tuple[str, bool]]:
+        """(sensor id, occupied) of every sensor whose committed state is a report (not none or offline)."""
+        sql = "SELECT sensor, sensor_state = 'occupied' FROM slots WHERE sensor_state IN ('occupied', 'vacant')"
+        async with self._conn.execute(sql) as cur:
+            return [(str(sensor), bool(occupied)) for sensor, occupied in await cur.fetchall()]
 
     async def sessions(self, lot: str | None, active: bool | None, limit: int = 1000) -> list[dict[str, Any]]:
         sql = (

@@ -17,9 +17,10 @@ def sync_config(
     wanted = {s.id: s for s in specs}
     conn.execute("BEGIN IMMEDIATE")
     try:
-        existing = {r["id"]: r for r in conn.execute("SELECT id, lot, zone, type, sensor FROM slots")}
+        # id -> lot only: a Row per slot would stay as RSS of a 100,000-slot daemon long after this returns.
+        existing: dict[str, str] = dict(conn.execute("SELECT id, lot FROM slots").fetchall())
         gone = [sid for sid in existing if sid not in wanted]
-        moved = [sid for sid, r in existing.items() if sid in wanted and r["lot"] != wanted[sid].lot]
+        moved = [sid for sid, lot in existing.items() if sid in wanted and lot != wanted[sid].lot]
         busy = _busy_slots(conn, gone + moved)
         if busy:
             raise StoreError(
