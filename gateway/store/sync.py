@@ -17,10 +17,12 @@ def sync_config(
     wanted = {s.id: s for s in specs}
     conn.execute("BEGIN IMMEDIATE")
     try:
-        # id -> lot only: a Row per slot would stay as RSS of a 100,000-slot daemon long after this returns.
-        existing: dict[str, str] = dict(conn.execute("SELECT id, lot FROM slots").fetchall())
+        # id -> (lot, type) only: a Row per slot would stay as RSS of a 100,000-slot daemon long after this returns.
+        existing: dict[str, tuple[str, str]] = {
+            sid: (lot, type_) for sid, lot, type_ in conn.execute("SELECT id, lot, type FROM slots").fetchall()
+        }
         gone = [sid for sid in existing if sid not in wanted]
-        moved = [sid for sid, lot in existing.items() if sid in wanted and lot != wanted[sid].lot]
+        moved = [sid for sid, (lot, _) in existing.items() if sid in wanted and lot != wanted[sid].lot]
         busy = _busy_slots(conn, gone + moved)
         if busy:
             raise StoreError(
@@ -28,7 +30,7 @@ def sync_config(
                 + ", ".join(sorted(busy))
                 + " (end those sessions first)"
             )
-        retyped = [sid for sid, r in existing.items() if sid in wanted and r["type"] != wanted[sid].type]
+        retyped = [sid for sid, (_, type_) in existing.items() if sid in wanted and type_ != wanted[sid].type]
         booked = _reserved_slots(conn, gone + moved + retyped)
         if booked:
             raise StoreError(
