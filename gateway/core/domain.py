@@ -175,3 +175,21 @@ class RaiseAlert(Command):
     severity: Literal["info", "warning", "critical"]
     subject: dict[str, Any]
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetEvents(Command):
+    """Outbox entries up to `upto` have reached upstream (their PUBACK arrived): delete them."""
+
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompactOutbox(Command):
+    """The outbox is past its bound: compact superseded `slot.status` events after `after_seq` (rows up to it
+    may be on their way upstream), scanning at most `scan` entries; `announce` raises the `outbox.full` alert."""
+
+    max_bytes: int
+    after_seq: int
+    scan: int = 5000
+    announce: bool = False

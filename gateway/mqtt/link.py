@@ -1,15 +1,16 @@
 """One task owns one MQTT connection: reconnects, buffers what it is given, re-publishes retained state.
 
 ``MqttLink.run`` is the connection's only owner (aiomqtt 2.x). Everything else talks to it through
-``publish`` (never blocks, never fails on a disconnect) and the ``on_message`` callback (awaited in
-arrival order; it must hand work off quickly).
+``publish`` (never blocks, never fails on a disconnect), the ``on_message`` callback (awaited in
+arrival order; it must hand work off quickly) and the ``on_session`` hook: a coroutine run beside the
+link's own traffic for the life of each connection, given an ``Outlet`` whose QoS 1 publishes resolve on
+their PUBACK (the outbox forwarder's way to know what the broker really has).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -17,16 +18,19 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import aiomqtt
+import paho.mqtt.client as paho
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from structlog.typing import FilteringBoundLogger
 
 from gateway.mqtt import paho_speed
+from gateway.mqtt.reconnect import Endpoint, Reconnect
 from gateway.mqtt.tls import TlsOptions, client_context
 
-__all__ = ["Gate", "Incoming", "LinkOptions", "MqttLink"]
+__all__ = ["Gate", "Incoming", "LinkOptions", "MqttLink", "Outlet"]
 
 paho_speed.install()  # every MQTT 5 PUBLISH in and PUBACK back builds a paho Properties
 
@@ -40,6 +44,8 @@ _GOODBYE_TIMEOUT = 2.0
 # On shutdown, what is queued (the last commit's replies and events) may take this long before `offline`.
 _FLUSH_S = 2.0
 _SUBACK_FAILURE = 0x80
+# CONNACK refusing the protocol: MQTT 5 "unsupported protocol version", MQTT 3.1.1 "unacceptable protocol version".
+_REFUSED_VERSION = (0x84, 0x01)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +58,21 @@ class LinkOptions:
     password: str | None = None
     tls: TlsOptions | None = None  # None: plain TCP; otherwise always verified (gateway.mqtt.tls)
     keepalive: int = 30
+    timeout: float = 10.0  # for connecting, and for each subscribe and publish of the link's own
     subscriptions: tuple[tuple[str, int], ...] = ()
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     queue_max: int = 10000
-    protocol: Literal[3, 5] = 3
+    # "auto": 5, and 3.1.1 from the first refusal of 5 on (NATS and older RabbitMQ speak 3.1.1 only).
+    protocol: Literal[3, 5, "auto"] = 3
+    # Further nodes of the same broker (a cluster), tried after host:port in turn; one session across them.
+    more_hosts: tuple[Endpoint, ...] = ()
+    # A session the broker keeps across connections (clean session false; MQTT 5: clean start false and
+    # session_expiry seconds): subscriptions hold, and QoS 1 messages wait for us while we are away.
+    persistent: bool = False
+    session_expiry: int = 86400
+    # QoS 1 publishes the on_session hook may have in flight besides the link's own window.
+    extra_inflight: int = 0
 
 
 class Gate(Protocol):
@@ -90,6 +106,48 @@ class _Outgoing:
     droppable: bool = True
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, plus publishes answered by their PUBACK's reason code (see Outlet)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acks: dict[int, asyncio.Future[int]] = {}
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
+        fut = self.acks.pop(mid, None)
+        if fut is None:
+            super()._on_publish(client, userdata, mid, reason_code, properties)
+        elif not fut.done():
+            fut.set_result(reason_code.value)
+
+
+class Outlet:
+    """QoS 1 publishes on one live connection; each future resolves with its PUBACK's reason code.
+
+    0 (3.1.1 has no other) or below 0x80 means the broker took the message; 0x80 and above that it refused
+    it (MQTT 5: not authorised, quota exceeded, ...). A future never resolves without a PUBACK: when the
+    connection ends, the hook that holds the outlet is cancelled. Unlike aiomqtt's publish() this costs no
+    task per message and keeps the reason code, which aiomqtt drops.
+    """
+
+    def __init__(self, client: _Client, protocol: Literal[3, 5]) -> None:
+        self._client = client
+        self.protocol = protocol
+
+    def publish(self, topic: str, payload: bytes) -> asyncio.Future[int]:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        info = self._client._client.publish(topic, payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if info.is_published():  # acknowledged before publish() returned (a very fast broker, same thread)
+            fut.set_result(0)
+        else:
+            self._client.acks[info.mid] = fut
+        return fut
+
+
 class MqttLink:
     """Supervises one broker connection; see the module docstring."""
 
@@ -102,12 +160,20 @@ class MqttLink:
         *,
         name: str = "mqtt",
         online_when: Gate | None = None,
+        on_session: Callable[[Outlet], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.options = options
         self._online_when = online_when
         self._on_message = on_message
         self._on_connect = on_connect
+        self._on_session = on_session
+        self._nodes = Reconnect(
+            ((options.host, options.port), *options.more_hosts),
+            initial=options.backoff_initial,
+            maximum=options.backoff_max,
+        )
+        self.protocol: Literal[3, 5] = 3 if options.protocol == 3 else 5
         self._log: FilteringBoundLogger = (log or structlog.get_logger("gateway.mqtt")).bind(link=options.client_id)
         self.connected = False
         self.reconnects = 0
@@ -121,7 +187,7 @@ class MqttLink:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._up = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self._client: _Client | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -188,52 +254,83 @@ class MqttLink:
         async with asyncio.timeout(timeout):
             await self._up.wait()
 
+    @property
+    def endpoint(self) -> Endpoint:
+        """The broker node connected to, or tried next."""
+        return self._nodes.current
+
     async def run(self) -> None:
-        """Connect, serve, reconnect with capped exponential backoff and full jitter; until cancelled."""
+        """Connect, serve, reconnect: each node in turn, then capped exponential backoff with full jitter."""
         opts = self.options
-        failures = 0
+        nodes = self._nodes
         ever_connected = False
         while True:
-            client = self._new_client()
+            await asyncio.sleep(nodes.delay())
+            host, port = nodes.current
+            client = self._new_client(host, port)
             self._client = client
             try:
                 await self._connect(client)
             except aiomqtt.MqttError as exc:
-                self._log.warning("mqtt.connect_failed", host=opts.host, port=opts.port, error=str(exc))
                 await self._reap(client)
-            else:
-                if ever_connected:
-                    self.reconnects += 1
-                ever_connected = True
-                failures = 0
-                try:
-                    await self._serve(client)
-                except aiomqtt.MqttError as exc:
-                    self._log.warning("mqtt.disconnected", error=str(exc))
-                finally:
-                    self._mark_down()
-                    await self._disconnect(client)
-                    self._client = None
-            ceiling = min(opts.backoff_max, opts.backoff_initial * 2 ** min(failures, 32))
-            failures += 1
-            await asyncio.sleep(random.uniform(0, ceiling))
+                self._client = None
+                if self._refused_version(exc):
+                    self._log.warning("mqtt.falling_back_to_3.1.1", host=host, port=port)
+                    self.protocol = 3
+                    continue
+                self._log.warning("mqtt.connect_failed", host=host, port=port, error=str(exc))
+                nodes.failed()
+                continue
+            if ever_connected:
+                self.reconnects += 1
+            ever_connected = True
+            try:
+                await self._serve(client)
+            except aiomqtt.MqttError as exc:
+                self._log.warning("mqtt.disconnected", host=host, port=port, error=str(exc))
+            finally:
+                self._mark_down()
+                await self._disconnect(client)
+                self._client = None
+            nodes.failed()
+            if opts.more_hosts:
+                self._log.info("mqtt.next_node", host=nodes.current[0], port=nodes.current[1])
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _refused_version(self, exc: aiomqtt.MqttError) -> bool:
+        return (
+            self.options.protocol == "auto"
+            and self.protocol == 5
+            and isinstance(exc, MqttConnectError)
+            and exc.rc in _REFUSED_VERSION
+        )
+
+    def _new_client(self, host: str, port: int) -> _Client:
         # A fresh client per attempt: paho would otherwise re-send its own copies of unacknowledged
-        # messages next to the ones this link puts back in its queue.
+        # messages next to the ones this link (and the session hook) send again themselves.
         opts = self.options
-        client = aiomqtt.Client(
-            opts.host,
-            opts.port,
+        v5 = self.protocol == 5
+        properties = None
+        if v5 and opts.persistent:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = opts.session_expiry
+        inflight = _WINDOW + opts.extra_inflight
+        client = _Client(
+            host,
+            port,
             username=opts.username,
             password=opts.password,
             identifier=opts.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if opts.protocol == 5 else aiomqtt.ProtocolVersion.V311,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             will=aiomqtt.Will(opts.status_topic, b"offline", qos=1, retain=True),
+            clean_session=None if v5 else not opts.persistent,
+            # Each client connects once: "first only" would mean a clean start on every attempt.
+            clean_start=not opts.persistent if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
             keepalive=opts.keepalive,
+            timeout=opts.timeout,
             tls_context=client_context(opts.tls) if opts.tls is not None else None,
-            max_inflight_messages=_WINDOW,
-            max_queued_outgoing_messages=2 * _WINDOW,
+            max_inflight_messages=inflight,
+            max_queued_outgoing_messages=2 * inflight,
             socket_options=(_NODELAY,),
         )
         # aiomqtt warns on every call beyond 10 pending; the window above is the real bound.
@@ -254,7 +351,7 @@ class MqttLink:
         self.connected = False
         self._up.clear()
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: _Client) -> None:
         opts = self.options
         try:
             if opts.subscriptions:
@@ -269,13 +366,20 @@ class MqttLink:
             self._drop_warned = False
             if self._online_when is None:
                 self._up.set()
-            self._log.info("mqtt.connected", host=opts.host, port=opts.port, reconnects=self.reconnects)
+            self._nodes.held()
+            host, port = self._nodes.current
+            self._log.info(
+                "mqtt.connected", host=host, port=port, reconnects=self.reconnects, protocol=self._version_text()
+            )
             await self._pump(client)
         except asyncio.CancelledError:
             self._mark_down()
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.publish(opts.status_topic, b"offline", qos=1, retain=True, timeout=_GOODBYE_TIMEOUT)
             raise
+
+    def _version_text(self) -> str:
+        return "5" if self.protocol == 5 else "3.1.1"
 
     def _check_granted(self, granted: tuple[int, ...] | list[ReasonCode]) -> None:
         codes: list[int | ReasonCode] = list(granted)
@@ -291,7 +395,7 @@ class MqttLink:
         self._queue.extendleft(_Outgoing(topic, None, 1, True) for topic in reversed(missing))
         self._wakeup.set()
 
-    async def _pump(self, client: aiomqtt.Client) -> None:
+    async def _pump(self, client: _Client) -> None:
         """Move messages both ways until the connection fails (MqttError) or the task is cancelled."""
         broken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         sends: set[asyncio.Task[None]] = set()
@@ -300,6 +404,8 @@ class MqttLink:
         helpers = [incoming, outgoing]
         if self._online_when is not None:
             helpers.append(asyncio.create_task(self._announce(client, self._online_when, broken)))
+        if self._on_session is not None:
+            helpers.append(asyncio.create_task(self._session(client, broken)))
         try:
             await asyncio.wait([*helpers, broken], return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -313,7 +419,7 @@ class MqttLink:
             await asyncio.wait(tasks)
             self._requeue_inflight()
         if broken.done():
-            broken.result()  # raises the MqttError of the failed publish
+            broken.result()  # raises the MqttError of the failed publish or of the session hook
         # Only the receiver ends by itself: with MqttError when the connection drops, or with a bug.
         raise incoming.exception() or aiomqtt.MqttError("receiver stopped")
 
@@ -345,6 +451,22 @@ class MqttLink:
         await asyncio.wait([idle])
         if self._queue or self._inflight:
             self._log.warning("mqtt.unsent_at_shutdown", messages=self.queue_depth)
+
+    async def _session(self, client: _Client, broken: asyncio.Future[None]) -> None:
+        assert self._on_session is not None
+        try:
+            await self._on_session(Outlet(client, self.protocol))
+        except aiomqtt.MqttError as exc:
+            if not broken.done():
+                broken.set_exception(exc)
+            return
+        except Exception as exc:
+            # A bug in the hook costs this connection (and a reconnect), not the gateway.
+            self._log.exception("mqtt.session_hook_failed")
+            if not broken.done():
+                broken.set_exception(aiomqtt.MqttError(f"session hook failed: {exc!r}"))
+            return
+        await asyncio.Future()  # the hook is done for this connection; the connection is not
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         handled = 0
@@ -418,7 +540,7 @@ class MqttLink:
             self._idle.set()
 
     def _properties(self, item: _Outgoing) -> Properties | None:
-        if self.options.protocol != 5 or (item.response_topic is None and item.correlation_data is None):
+        if self.protocol != 5 or (item.response_topic is None and item.correlation_data is None):
             return None
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         if item.response_topic is not None:

@@ -60,7 +60,8 @@ class _Slot:
 
 
 class Publisher:
-    """Fed by the writer's commits; publishes to one link (each link re-publishes retained state itself)."""
+    """Fed by the writer's commits; publishes events to the local link and retained state to every link
+    (each link re-publishes its retained state itself after a reconnect)."""
 
     name = "publisher"
 
@@ -87,7 +88,15 @@ class Publisher:
         self._counts: dict[str, Counter[tuple[str, str, str]]] = {}
         self._dirty: set[str] = set()
         self._wakeup = asyncio.Event()
+        self._mirrors: list[tuple[MqttLink, Topics]] = []
         self.events_published = 0
+
+    def mirror(self, link: MqttLink, topics: Topics) -> None:
+        """Keep the retained state on `link` too, under its own R (upstream); events reach it another way."""
+        self._mirrors.append((link, topics))
+        for topic, payload in self._link.retained.items():
+            if topic.startswith(f"{self._topics.root}/"):
+                link.publish(self._mirrored(topic, topics), payload, qos=1, retain=True)
 
     async def start(self) -> None:
         """Seed the slot view from the store, follow the commits, queue every retained state."""
@@ -109,11 +118,19 @@ class Publisher:
         return {"events_published": self.events_published}
 
     def publish_all(self) -> None:
-        """Every retained state; the link re-publishes them after each reconnect."""
+        """Every retained state; the links re-publish them after each reconnect."""
         for slot_id, slot in self.slots.items():
-            self._link.publish(self._topics.slot(slot_id), _dumps(slot.doc(slot_id)), qos=1, retain=True)
+            self._retain(self._topics.slot(slot_id), _dumps(slot.doc(slot_id)))
         for lot in self.lots:
             self._publish_availability(lot)
+
+    def _retain(self, topic: str, payload: bytes) -> None:
+        self._link.publish(topic, payload, qos=1, retain=True)
+        for link, topics in self._mirrors:
+            link.publish(self._mirrored(topic, topics), payload, qos=1, retain=True)
+
+    def _mirrored(self, topic: str, topics: Topics) -> str:
+        return topics.root + topic[len(self._topics.root) :]
 
     def on_commit(self, done: Committed) -> None:
         """Writer listener: runs in the loop after COMMIT, never blocks."""
@@ -142,14 +159,14 @@ class Publisher:
                     continue
             touched.add(slot_id)
         for slot_id in touched:
-            self._link.publish(self._topics.slot(slot_id), _dumps(self.slots[slot_id].doc(slot_id)), qos=1, retain=True)
+            self._retain(self._topics.slot(slot_id), _dumps(self.slots[slot_id].doc(slot_id)))
         if self._dirty:
             self._wakeup.set()
 
     def _publish_availability(self, lot: str) -> None:
         rows = ((z, t, st, n) for (z, t, st), n in self._counts[lot].items() if n)
         doc = fold(lot, rows, self._clock.wall())
-        self._link.publish(self._topics.availability(lot), _dumps(doc), qos=1, retain=True)
+        self._retain(self._topics.availability(lot), _dumps(doc))
 
     async def run(self) -> None:
         await asyncio.gather(self._availability_loop(), self._health_loop())
@@ -166,7 +183,7 @@ class Publisher:
 
     async def _health_loop(self) -> None:
         while True:
-            self._link.publish(self._topics.health, _dumps(await self._health()), qos=1, retain=True)
+            self._retain(self._topics.health, _dumps(await self._health()))
             await self._clock.sleep(HEALTH_EVERY)
 
 

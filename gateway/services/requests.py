@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import structlog
@@ -157,6 +158,14 @@ def _command(verb: str, req: _Request) -> Command:
     return cls(slot=req.slot, reason=req.reason, idempotency_key=key)
 
 
+@dataclass(frozen=True, slots=True)
+class ReplyRoute:
+    """Where the replies to requests that came in over one link go: that link, under its own R."""
+
+    link: MqttLink
+    topics: Topics
+
+
 class Requests:
     """Each request is handled in its own task so one slow reply never holds up the MQTT link."""
 
@@ -217,19 +226,21 @@ class Requests:
             "in_flight": len(self._tasks),
         }
 
-    async def handle(self, msg: Incoming) -> asyncio.Future[bool]:
+    async def handle(self, msg: Incoming, via: ReplyRoute | None = None) -> asyncio.Future[bool]:
+        """A request from the local input, or with `via` from another link (upstream); handled the same way.
+        The future says whether the outcome is final (committed, or needing no commit): then it may be acked."""
         if self._stopping:
             # Shutting down: no decision starts now, and the request is not acknowledged.
             refused: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             refused.set_result(False)
             return refused
         verb = msg.topic.rsplit("/", 1)[-1]
-        task = asyncio.create_task(self._serve(verb, msg))
+        task = asyncio.create_task(self._serve(verb, msg, via))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _serve(self, verb: str, msg: Incoming) -> bool:
+    async def _serve(self, verb: str, msg: Incoming, via: ReplyRoute | None) -> bool:
         """Answer the request; whether its outcome is final (committed, or needing no commit)."""
         try:
             transaction, reply, final = await self._answer(verb, msg.payload)
@@ -243,8 +254,13 @@ class Requests:
         self.handled += 1
         if not reply.ok and reply.code == "invalid_request":
             self.invalid += 1
-        self.link.publish(
-            self._reply_topic(verb, msg.response_topic),
+        link, filters, topics = (
+            (via.link, (via.topics.response("#"),), via.topics)
+            if via is not None
+            else (self.link, self._response_filters, self._topics)
+        )
+        link.publish(
+            self._reply_topic(verb, msg.response_topic, topics, filters),
             json.dumps(reply.to_json(transaction), separators=(",", ":")),
             qos=1,
             correlation_data=msg.correlation_data,
@@ -252,13 +268,14 @@ class Requests:
         )
         return final
 
-    def _reply_topic(self, verb: str, asked: str | None) -> str:
-        """The MQTT 5 response topic when it lies under R/response/ or [broker] response_topics, else the default."""
-        default = self._topics.response(verb)
+    def _reply_topic(self, verb: str, asked: str | None, topics: Topics, filters: tuple[str, ...]) -> str:
+        """The MQTT 5 response topic when it matches `filters` (R/response/# of the link the request came in on,
+        and locally [broker] response_topics), else that link's R/response/<verb>."""
+        default = topics.response(verb)
         if asked is None:
             return default
         if asked and "+" not in asked and "#" not in asked and "\x00" not in asked:
-            if any(match(allowed, asked) is not None for allowed in self._response_filters):
+            if any(match(allowed, asked) is not None for allowed in filters):
                 return asked
         self.rejected["response_topic"] += 1
         now = self._clock.monotonic()

@@ -16,16 +16,18 @@ from typing import Any
 import structlog
 
 from gateway.config import GatewayConfig
-from gateway.core import allocation, exits, reservations, slots, timers, upkeep
+from gateway.core import allocation, exits, outbox, reservations, slots, timers, upkeep
 from gateway.core.clock import SYSTEM_CLOCK, Clock, Timeline
 from gateway.core.domain import (
     Block,
     CancelReservation,
     Command,
     CommandError,
+    CompactOutbox,
     Enter,
     Exit,
     FireDue,
+    ForgetEvents,
     Housekeeping,
     Pay,
     Ping,
@@ -113,6 +115,8 @@ HANDLERS: dict[type[Command], Handler] = {
     CancelReservation: reservations.cancel,
     Pay: exits.pay,
     Ping: upkeep.ping,
+    ForgetEvents: outbox.forget,
+    CompactOutbox: outbox.compact,
 }
 
 
