@@ -1,11 +1,12 @@
 """The daemon: one ordered list of services (gateway/services/lifecycle.py), started in order, stopped in reverse.
 
 Order: embedded broker -> MQTT output link -> writer (store open, config synced) -> read connection -> requests ->
-ingress -> publisher -> housekeeping -> deadlines -> MQTT input link. Nothing runs until all have started, so
-the output link announces `online` only once the store is open (and once the input link's subscriptions are
-granted); stopping in reverse means the input stops first (nothing new is decided, what is being committed is
-still acknowledged), nothing is decided after the writer is gone, every reply of its last commit is queued
-before the output link flushes and says `offline`, and `offline` is the last word.
+upstream (when configured) -> ingress -> publisher -> housekeeping -> deadlines -> MQTT input link. Nothing runs
+until all have started, so the output link announces `online` only once the store is open (and once the input
+link's subscriptions are granted); stopping in reverse means the input stops first (nothing new is decided, what
+is being committed is still acknowledged), nothing is decided after the writer is gone, every reply of its last
+commit is queued before the output link flushes and says `offline`, and `offline` is the last word. The upstream
+connection stops before the requests and the writer: its forwarder needs both.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gateway.services.lifecycle import Service, serve
 from gateway.services.publisher import Publisher, health_document
 from gateway.services.requests import Requests
 from gateway.services.systemd import Systemd
+from gateway.services.upstream import Upstream
 from gateway.store.reads import ReadStore
 from gateway.store.schema import db_path
 from gateway.store.settings import settings_from_config
@@ -125,7 +127,10 @@ class Gateway:
             key=self.key,
             clock=clock,
         )
+        self.upstream = Upstream(config, self.writer, self.db, self.requests, clock=clock) if config.upstream else None
         self.publisher = Publisher(self.link, self.topics, self.reads, self.writer, health=self._health, clock=clock)
+        if self.upstream is not None:
+            self.publisher.mirror(self.upstream.link, self.upstream.topics)
         self.housekeeping = Housekeeping(self.writer, clock=clock)
         self.deadlines = Deadlines(self.writer, clock=clock)
         self.systemd = Systemd(self.link, self.writer, clock=clock)
@@ -138,6 +143,7 @@ class Gateway:
             self.writer,
             self.reads,
             self.requests,
+            *([self.upstream] if self.upstream is not None else []),
             self.ingress,
             self.publisher,
             self.housekeeping,

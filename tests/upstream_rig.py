@@ -17,6 +17,7 @@ import aiomqtt
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.core.domain import Enter, Exit, SensorChange, SensorChanges
+from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
 from gateway.mqtt.topics import Topics
 from gateway.services.requests import Requests
 from gateway.services.upstream import Tuning, Upstream
@@ -108,6 +109,10 @@ class Rig:
         return ids
 
 
+async def _ignore(_msg: Incoming) -> None:
+    return
+
+
 @contextlib.asynccontextmanager
 async def rig(config: GatewayConfig, tuning: Tuning = FAST, *, start: bool = True) -> AsyncIterator[Rig]:
     """The writer and the upstream service (forwarder + connection) on a real store; `start=False`: the
@@ -115,8 +120,12 @@ async def rig(config: GatewayConfig, tuning: Tuning = FAST, *, start: bool = Tru
     writer = new_writer(config)
     writer_task = asyncio.create_task(writer.run())
     await writer.wait_ready()
-    reads = await ReadStore.open(db_path(config.state_path()))
-    requests = Requests(writer, reads, Topics(f"parking/{config.gateway.id}"), {lot.id for lot in config.lots})
+    reads = ReadStore(db_path(config.state_path()))
+    await reads.start()
+    local = Topics(f"parking/{config.gateway.id}")
+    # never connected: these tests look upstream only
+    local_link = MqttLink(LinkOptions("127.0.0.1", 1, f"{config.gateway.id}-local", local.status), _ignore)
+    requests = Requests(writer, reads, local, {lot.id for lot in config.lots}, local_link)
     upstream = Upstream(config, writer, db_path(config.state_path()), requests, tuning=tuning)
     run: asyncio.Task[None] | None = None
     if start:
@@ -129,50 +138,63 @@ async def rig(config: GatewayConfig, tuning: Tuning = FAST, *, start: bool = Tru
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
             await upstream.stop()
-        await requests.close()
+        await requests.stop()
         writer_task.cancel()
         await asyncio.gather(writer_task, return_exceptions=True)
-        await reads.close()
+        await reads.stop()
 
 
 @dataclass
 class Subscriber:
-    """A persistent upstream subscriber of R/events: what a central platform would run."""
+    """A persistent upstream subscriber of R/events: what a central platform would run. It dedupes by
+    event_id as it goes; an `outbox.compacted` alert stands for every seq of its range."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
     connects: int = 0
+    _order: list[int] = field(default_factory=list)  # seqs of first arrivals, in arrival order
+    _ids: set[str] = field(default_factory=set)
+    _seqs: set[int] = field(default_factory=set)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def seqs(self) -> list[int]:
-        """Seqs in arrival order after dedupe by event_id; an `outbox.compacted` alert stands for its range."""
-        seen: set[str] = set()
-        out: list[int] = []
-        for event in self.events:
-            if event["event_id"] in seen:
-                continue
-            seen.add(event["event_id"])
-            if event["type"] == "alert" and event["code"] == "outbox.compacted":
-                out.extend(range(event["subject"]["from_seq"], event["subject"]["to_seq"] + 1))
-            else:
-                out.append(event["seq"])
-        return out
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        if event["event_id"] in self._ids:
+            return
+        self._ids.add(event["event_id"])
+        if event["type"] == "alert" and event["code"] == "outbox.compacted":
+            covered = range(event["subject"]["from_seq"], event["subject"]["to_seq"] + 1)
+        else:
+            covered = range(event["seq"], event["seq"] + 1)
+        for seq in covered:
+            self._order.append(seq)
+            self._seqs.add(seq)
+        self._changed.set()
+
+    @property
+    def count(self) -> int:
+        """Distinct seqs received."""
+        return len(self._seqs)
 
     def distinct(self) -> list[int]:
         """Seqs once each, in order of first arrival."""
-        return list(dict.fromkeys(self.seqs()))
+        return list(dict.fromkeys(self._order))
+
+    def duplicates(self) -> int:
+        return len(self.events) - len(self._ids)
 
     async def wait_for(self, check: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not check():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"condition not met; {len(self.distinct())} distinct seqs received")
+                raise TimeoutError(f"condition not met; {self.count} distinct seqs received")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.2))
+            await asyncio.sleep(0.01)  # check again at most every 10 ms, not on every message
 
     async def until_seqs(self, n: int, timeout: float = 20.0) -> None:
-        await self.wait_for(lambda: len(self.distinct()) >= n, timeout)
+        await self.wait_for(lambda: self.count >= n, timeout)
 
 
 @contextlib.asynccontextmanager
@@ -195,8 +217,7 @@ async def subscriber(
                     sub.connects += 1
                     subscribed.set()
                     async for message in client.messages:
-                        sub.events.append(json.loads(bytes(message.payload)))  # type: ignore[arg-type]
-                        sub._changed.set()
+                        sub.add(json.loads(bytes(message.payload)))  # type: ignore[arg-type]
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.2)
 

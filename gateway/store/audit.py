@@ -68,13 +68,24 @@ def audit(conn: sqlite3.Connection) -> list[str]:
 
 
 def _check_seq(conn: sqlite3.Connection) -> list[str]:
+    """The outbox covers one gapless seq range ending at the last seq assigned. Entries acknowledged upstream
+    are deleted from the front; a compaction tombstone (type `compacted`) stands for its range up to `to_seq`.
+    Any other hole is a lost event."""
     next_seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
-    lo, hi, n = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM outbox").fetchone()
-    if n == 0:
-        return []
+    end = "CASE WHEN type = 'compacted' THEN json_extract(body, '$.to_seq') ELSE seq END"
     out = []
-    if hi - lo + 1 != n:
-        out.append(f"outbox: seq {lo}..{hi} has gaps ({hi - lo + 1 - n} missing)")
-    if hi != next_seq - 1:
-        out.append(f"outbox: last seq {hi} but the next to assign is {next_seq}")
+    breaks = conn.execute(
+        f"SELECT seq, prev_end FROM (SELECT seq, LAG({end}) OVER (ORDER BY seq) AS prev_end FROM outbox)"
+        " WHERE prev_end IS NOT NULL AND seq != prev_end + 1 ORDER BY seq LIMIT 11"
+    ).fetchall()
+    for seq, prev_end in breaks[:10]:
+        if seq > prev_end + 1:
+            out.append(f"outbox: seq {prev_end + 1}..{seq - 1} missing (no compaction tombstone covers them)")
+        else:
+            out.append(f"outbox: seq {seq} lies inside the compaction tombstone ending at {prev_end}")
+    if len(breaks) > 10:
+        out.append("outbox: more breaks in the seq range not shown")
+    last = conn.execute(f"SELECT {end} FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+    if last is not None and last[0] != next_seq - 1:
+        out.append(f"outbox: last seq {last[0]} but the next to assign is {next_seq}")
     return out

@@ -115,7 +115,7 @@ class ReadStore:
         return dict(zip(("id", "lot", "started_at", "factor", "paid", "paid_at", "paid_until"), row, strict=True))
 
     async def outbox_backlog(self) -> int:
-        async with self._conn.execute("SELECT COUNT(*) FROM outbox") as cur:
+        async with self._conn.execute("SELECT rows FROM outbox_size") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 

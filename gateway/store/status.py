@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any
 
+from gateway.core.clock import iso_ms
 from gateway.store.availability import availability, lots
 
 
-def status_document(conn: sqlite3.Connection) -> dict[str, Any]:
+def status_document(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
     conn.execute("BEGIN")
     try:
         doc: dict[str, Any] = {"lots": [availability(conn, lot) for lot in lots(conn)]}
@@ -16,8 +18,7 @@ def status_document(conn: sqlite3.Connection) -> dict[str, Any]:
             str(state): int(n)
             for state, n in conn.execute("SELECT sensor_state, COUNT(*) FROM slots GROUP BY sensor_state")
         }
-        n, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
-        doc["outbox"] = {"backlog": int(n), "bytes": int(size)}
+        doc["outbox"] = _outbox(conn, time.time() if now is None else now)
         doc["sessions_active"] = int(conn.execute("SELECT COUNT(*) FROM sessions WHERE state = 'active'").fetchone()[0])
         doc["rejections"] = [
             {"at": r[0], "source": r[1], "reason": r[2], "detail": r[3]}
@@ -26,6 +27,33 @@ def status_document(conn: sqlite3.Connection) -> dict[str, Any]:
     finally:
         conn.execute("COMMIT")
     return doc
+
+
+def _outbox(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    """The backlog waiting for upstream (without upstream: the last week of events), and its oldest entry."""
+    n, size = conn.execute("SELECT rows, bytes FROM outbox_size").fetchone()
+    oldest = conn.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
+    compacted = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(json_extract(body, '$.count')), 0) FROM outbox WHERE type = 'compacted'"
+    ).fetchone()
+    return {
+        "backlog": int(n),
+        "bytes": int(size),
+        "oldest_at": iso_ms(oldest[0]) if oldest else None,
+        "oldest_age_s": round(max(0.0, now - oldest[0]), 1) if oldest else None,
+        "compacted": {"entries": int(compacted[0]), "events": int(compacted[1])},
+    }
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} days"
 
 
 def render_text(doc: dict[str, Any]) -> str:
@@ -41,7 +69,13 @@ def render_text(doc: dict[str, Any]) -> str:
     sensors = ", ".join(f"{k} {v}" for k, v in sorted(doc["sensors"].items()))
     lines.append(f"sensors: {sensors}")
     lines.append(f"active sessions: {doc['sessions_active']}")
-    lines.append(f"outbox: {doc['outbox']['backlog']} events, {doc['outbox']['bytes']} bytes")
+    box = doc["outbox"]
+    line = f"outbox: {box['backlog']} entries, {box['bytes']} bytes"
+    if box["oldest_age_s"] is not None:
+        line += f", oldest {_age(box['oldest_age_s'])} old ({box['oldest_at']})"
+    if box["compacted"]["events"]:
+        line += f"; {box['compacted']['events']} superseded slot states compacted"
+    lines.append(line)
     if doc["rejections"]:
         lines.append(f"last rejection: {doc['rejections'][0]['source']}: {doc['rejections'][0]['reason']}")
     return "\n".join(lines)

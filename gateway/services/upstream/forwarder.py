@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import aiomqtt
 import aiosqlite
 import structlog
 
+from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.domain import CompactOutbox, ForgetEvents, RaiseAlert
 from gateway.core.outbox import TARGET, TOMBSTONE, tombstone_event
 from gateway.mqtt.link import Outlet
@@ -65,8 +65,10 @@ class Forwarder:
         page: int = PAGE,
         ack_timeout: float = ACK_TIMEOUT,
         bound_every: float = BOUND_EVERY,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._db = db
+        self._clock = clock
         self._writer = writer
         self._gateway = gateway_id
         self.topic = events_topic
@@ -174,7 +176,7 @@ class Forwarder:
                     entry = buffer.popleft()
                     fut = outlet.publish(self.topic, entry.payload)
                     fut.add_done_callback(self._on_ack)
-                    inflight.append((entry.seq, fut, time.monotonic()))
+                    inflight.append((entry.seq, fut, self._clock.monotonic()))
                     self.published += 1
                     if entry.seq <= self._sent_max:
                         self.resent += 1
@@ -207,7 +209,7 @@ class Forwarder:
         if not inflight:
             await self._wake.wait()
             return
-        left = inflight[0][2] + self._ack_timeout - time.monotonic()
+        left = inflight[0][2] + self._ack_timeout - self._clock.monotonic()
         try:
             async with asyncio.timeout(max(left, 0)):
                 await self._wake.wait()
@@ -252,7 +254,7 @@ class Forwarder:
                 self._forgotten = upto
             else:
                 log.warning("upstream.forget_failed", upto=upto, error=reply.message)
-                await asyncio.sleep(1.0)
+                await self._clock.sleep(1.0)
                 self._acks_to_forget.set()
 
     async def _bound_loop(self) -> None:
@@ -264,7 +266,7 @@ class Forwarder:
                     await self._compact()
             except WriterClosed:
                 return
-            await asyncio.sleep(self._bound_every)
+            await self._clock.sleep(self._bound_every)
 
     async def outbox_bytes(self) -> int:
         assert self._conn is not None

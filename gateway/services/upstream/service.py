@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from gateway.config import GatewayConfig
+from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.mqtt.link import Incoming, MqttLink
 from gateway.mqtt.topics import Topics, match
 from gateway.services.requests import ReplyRoute, Requests
@@ -43,6 +44,10 @@ class Tuning:
 
 
 class Upstream:
+    """A service (gateway/services/lifecycle.py): start after the writer and the requests, stop before them."""
+
+    name = "upstream"
+
     def __init__(
         self,
         config: GatewayConfig,
@@ -52,6 +57,7 @@ class Upstream:
         *,
         routes: tuple[tuple[str, Handler], ...] = (),
         tuning: Tuning = Tuning(),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """`routes`: further (filter, handler) pairs subscribed upstream (Home Assistant's status)."""
         up = config.upstream
@@ -69,6 +75,7 @@ class Upstream:
             page=tuning.page,
             ack_timeout=tuning.ack_timeout,
             bound_every=tuning.bound_every,
+            clock=clock,
         )
         self.link = MqttLink(
             link_options(
@@ -98,7 +105,7 @@ class Upstream:
     async def stop(self) -> None:
         await self.forwarder.stop()
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         host, port = self.link.endpoint
         return {
             "connected": self.link.connected,
