@@ -75,7 +75,8 @@ def _check_seq(conn: sqlite3.Connection) -> list[str]:
     end = "CASE WHEN type = 'compacted' THEN json_extract(body, '$.to_seq') ELSE seq END"
     out = []
     breaks = conn.execute(
-        f"SELECT seq, prev_end FROM (SELECT seq, LAG({end}) OVER (ORDER BY seq) AS prev_end FROM outbox)"
+        f"SELECT seq, prev_end FROM (SELECT seq, MAX({end}) OVER"
+        " (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end FROM outbox)"
         " WHERE prev_end IS NOT NULL AND seq != prev_end + 1 ORDER BY seq LIMIT 11"
     ).fetchall()
     for seq, prev_end in breaks[:10]:
@@ -85,7 +86,7 @@ def _check_seq(conn: sqlite3.Connection) -> list[str]:
             out.append(f"outbox: seq {seq} lies inside the compaction tombstone ending at {prev_end}")
     if len(breaks) > 10:
         out.append("outbox: more breaks in the seq range not shown")
-    last = conn.execute(f"SELECT {end} FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
-    if last is not None and last[0] != next_seq - 1:
+    last = conn.execute(f"SELECT MAX({end}) FROM outbox").fetchone()
+    if last[0] is not None and last[0] != next_seq - 1:
         out.append(f"outbox: last seq {last[0]} but the next to assign is {next_seq}")
     return out
