@@ -65,7 +65,11 @@ async def test_events_reach_upstream_in_order_and_are_deleted_after_puback(
 
 
 async def test_upstream_broker_stopped_while_events_are_produced(tmp_path: Path) -> None:
-    broker = MosquittoProcess(tmp_path, persistent_mosquitto_conf(tmp_path))
+    with persistent_mosquitto_conf() as conf:
+        await _outage(tmp_path, MosquittoProcess(tmp_path, conf))
+
+
+async def _outage(tmp_path: Path, broker: MosquittoProcess) -> None:
     broker.start()
     try:
         cfg = upstream_config(tmp_path / "gw", f"host = '127.0.0.1'\nport = {broker.port}")

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,9 +233,13 @@ async def subscriber(
         await asyncio.gather(task, return_exceptions=True)
 
 
-def persistent_mosquitto_conf(workdir: Path) -> str:
-    """Mosquitto lines that keep sessions and queued messages across a restart (it drops root privileges)."""
-    store = workdir / "mosquitto-store"
-    store.mkdir(exist_ok=True)
+@contextlib.contextmanager
+def persistent_mosquitto_conf() -> Iterator[str]:
+    """Mosquitto lines that keep sessions and queued messages across a restart. Started as root, Mosquitto
+    runs as its own user, which cannot enter pytest's private tmp_path: the store lives in /tmp instead."""
+    store = Path(tempfile.mkdtemp(prefix="mosquitto-store-"))
     os.chmod(store, 0o777)
-    return f"persistence true\npersistence_location {store}/\nautosave_interval 1\n"
+    try:
+        yield f"persistence true\npersistence_location {store}/\nautosave_interval 1\n"
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
