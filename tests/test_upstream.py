@@ -12,7 +12,6 @@ backoff capped at 0.5 s here, 3 s is several failed attempts at the cap, as 30 s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from gateway.store.schema import connect
 from tests.conftest import MosquittoProcess
 from tests.mqtt_proxy import MqttProxy, split_packets
 from tests.nats import NatsNode
+from tests.test_tls import Pki, pki  # noqa: F401 (the fixture)
 from tests.upstream_rig import FAST, R_UP, Rig, persistent_mosquitto_conf, rig, subscriber, upstream_config
 
 DEADLINE = 20.0
@@ -232,6 +232,25 @@ def test_split_packets_finds_whole_packets_only() -> None:
     assert buf == bytearray(puback[:3])
     buf += puback[3:]
     assert split_packets(buf) == [puback]
-    with contextlib.suppress(ValueError):
-        split_packets(bytearray([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]))
-        pytest.fail("a five-byte remaining length is not MQTT")
+    with pytest.raises(ValueError, match="remaining length"):
+        split_packets(bytearray([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]))  # five length bytes: not MQTT
+
+
+async def test_tls_upstream_is_verified_and_without_the_ca_nothing_is_sent(tmp_path: Path, pki: Pki) -> None:  # noqa: F811
+    broker = MosquittoProcess(tmp_path, tls=(pki.ca, pki.server_cert, pki.server_key))
+    broker.start()
+    try:
+        # `tls = {}`: the system CAs do not know the site's CA; the connection fails, the events stay.
+        cfg = upstream_config(tmp_path / "a", f"host = 'localhost'\nport = {broker.port}\ntls = {{}}")
+        async with rig(cfg) as r:
+            await r.sensor_flips(3)
+            await asyncio.sleep(1.0)  # several attempts at 0.05..0.5 s backoff, each refused by verification
+            assert not r.upstream.link.connected
+            assert r.upstream.forwarder.published == 0 and len(r.outbox()) == 6
+        cfg = upstream_config(tmp_path / "b", f"host = 'localhost'\nport = {broker.port}\ntls = {{ ca = '{pki.ca}' }}")
+        async with rig(cfg) as r:
+            await r.upstream.link.wait_connected(DEADLINE)
+            await r.sensor_flips(3)
+            await drained(r)
+    finally:
+        broker.stop()

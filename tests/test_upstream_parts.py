@@ -121,10 +121,16 @@ async def test_status_shows_the_backlog_and_the_age_of_its_oldest_entry(tmp_path
     assert f"outbox: 8 entries, {box['bytes']} bytes, oldest 62 min old" in render_text(doc)
 
 
-def _damaged(path: Path, *statements: str) -> list[str]:
+RESIZE = "UPDATE outbox_size SET (rows, bytes) = (SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox)"
+
+
+def _damaged(path: Path, *statements: str, resize: bool = True) -> list[str]:
+    """Audit after `statements` behind the writer's back (the kept size made to match, unless not `resize`)."""
     conn = sqlite3.connect(path)
     for statement in statements:
         conn.execute(statement)
+    if resize:
+        conn.execute(RESIZE)
     conn.commit()
     conn.close()
     ro = connect(path, readonly=True)
@@ -139,7 +145,12 @@ async def test_audit_tells_a_tombstone_from_a_hole(tmp_path: Path) -> None:
     async with rig(cfg, start=False) as r:
         await r.sensor_flips(10)  # seq 1..20: a slot.status and an alert each
     db = db_path(cfg.state_path())
-    assert _damaged(db) == []
+    assert _damaged(db, resize=False) == []
+    # rows deleted behind the writer's back: the kept size no longer matches
+    assert _damaged(db, "DELETE FROM outbox WHERE seq = 20", resize=False)[-1].startswith(
+        "outbox: its size is kept as 20 entries"
+    )
+    assert _damaged(db, "UPDATE meta SET value = '20' WHERE key = 'next_seq'") == []
     # a prefix acknowledged and deleted: still one range
     assert _damaged(db, "DELETE FROM outbox WHERE seq <= 2") == []
     # a hole
@@ -156,4 +167,4 @@ async def test_audit_tells_a_tombstone_from_a_hole(tmp_path: Path) -> None:
     ]
     assert _damaged(db, """UPDATE outbox SET body = '{"to_seq":6,"count":3}' WHERE seq = 4""") == []
     # the newest events lost
-    assert _damaged(db, "DELETE FROM outbox WHERE seq >= 14") == ["outbox: last seq 13 but the next to assign is 21"]
+    assert _damaged(db, "DELETE FROM outbox WHERE seq >= 14") == ["outbox: last seq 13 but the next to assign is 20"]

@@ -191,5 +191,5 @@ class CompactOutbox(Command):
 
     max_bytes: int
     after_seq: int
-    scan: int = 5000
+    scan: int = 1000
     announce: bool = False

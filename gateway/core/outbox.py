@@ -11,6 +11,7 @@ the stream stays gapless, and a consumer tells compaction from loss by it.
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +25,26 @@ TOMBSTONE = "compacted"
 TARGET = 0.9
 
 
+def account(conn: sqlite3.Connection, rows: int, size_: int) -> None:
+    """Entries and body bytes added to the outbox (negative: removed). Whoever writes to the outbox calls this
+    in the same transaction: the writer for the events of each commit, the deleters for what they delete."""
+    if rows or size_:
+        conn.execute("UPDATE outbox_size SET rows = rows + ?, bytes = bytes + ?", (rows, size_))
+
+
+def delete(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:
+    """DELETE FROM outbox WHERE `where`, accounted; returns how many entries went."""
+    lengths = conn.execute(f"DELETE FROM outbox WHERE {where} RETURNING LENGTH(body)", args).fetchall()
+    account(conn, -len(lengths), -sum(n for (n,) in lengths))
+    return len(lengths)
+
+
 def forget(txn: Txn, cmd: ForgetEvents) -> dict[str, Any]:
-    gone = txn.conn.execute("DELETE FROM outbox WHERE seq <= ?", (cmd.upto,)).rowcount
-    return {"deleted": gone}
+    return {"deleted": delete(txn.conn, "seq <= ?", (cmd.upto,))}
 
 
 def size(txn: Txn) -> tuple[int, int]:
-    """(entries, body bytes) of the outbox, kept by triggers."""
+    """(entries, body bytes) of the outbox."""
     rows, size_ = txn.conn.execute("SELECT rows, bytes FROM outbox_size").fetchone()
     return int(rows), int(size_)
 
@@ -110,17 +124,21 @@ def compact(txn: Txn, cmd: CompactOutbox) -> dict[str, Any]:
 def _close(txn: Txn, run: _Run, deletes: list[int]) -> int:
     """Write the run's tombstone (after deleting what it replaces); returns the tombstone's bytes."""
     conn = txn.conn
-    conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in deletes])
+    if run.existing and run.grown:
+        deletes.append(run.lo)  # the tombstone at lo is written again, bigger
+    for start in range(0, len(deletes), 500):
+        chunk = deletes[start : start + 500]
+        delete(conn, f"seq IN ({','.join('?' * len(chunk))})", tuple(chunk))
     deletes.clear()
     if run.existing and not run.grown:
         return 0
     body = json.dumps({"to_seq": run.hi, "count": run.count}, separators=(",", ":"))
     # A grown tombstone is a new one for upstream (new event id): a consumer may have seen the smaller one.
     conn.execute(
-        "INSERT INTO outbox (seq, event_id, type, created_at, body) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (seq) DO UPDATE SET event_id = excluded.event_id, body = excluded.body",
+        "INSERT INTO outbox (seq, event_id, type, created_at, body) VALUES (?, ?, ?, ?, ?)",
         (run.lo, str(uuid.uuid4()), TOMBSTONE, run.created_at, body),
     )
+    account(conn, 1, len(body))
     return len(body)
 
 

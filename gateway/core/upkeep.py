@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.core import outbox
 from gateway.core.domain import Housekeeping, Ping, RaiseAlert, RecordRejections
 from gateway.core.txn import Txn
 
@@ -39,7 +40,7 @@ def housekeeping(txn: Txn, _cmd: Housekeeping) -> dict[str, Any]:
     if not s.has_upstream:
         # Nobody forwards and deletes: keep a week of events for `status` and late subscribers, drop the oldest.
         # Deleting a prefix keeps the remaining seq range contiguous.
-        trimmed = txn.conn.execute("DELETE FROM outbox WHERE created_at < ?", (txn.now - LOCAL_EVENTS_KEPT_S,)).rowcount
+        trimmed = outbox.delete(txn.conn, "created_at < ?", (txn.now - LOCAL_EVENTS_KEPT_S,))
     return {"idempotency_expired": gone, "plates_erased": erased, "outbox_trimmed": trimmed}
 
 

@@ -89,4 +89,8 @@ def _check_seq(conn: sqlite3.Connection) -> list[str]:
     last = conn.execute(f"SELECT MAX({end}) FROM outbox").fetchone()
     if last[0] is not None and last[0] != next_seq - 1:
         out.append(f"outbox: last seq {last[0]} but the next to assign is {next_seq}")
+    kept = conn.execute("SELECT rows, bytes FROM outbox_size").fetchone()
+    real = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
+    if tuple(kept) != tuple(real):
+        out.append(f"outbox: its size is kept as {kept[0]} entries, {kept[1]} bytes but is {real[0]}, {real[1]}")
     return out

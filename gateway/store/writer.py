@@ -353,6 +353,7 @@ class Writer:
                 replies.append(self._apply_one(txn, cmd))
             if txn.next_seq != self._next_seq:  # a batch without events (a Ping) writes nothing at all
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(txn.next_seq),))
+            outbox.account(conn, len(txn.events), sum(len(e.body) for e in txn.events))
             if txn.deadlines_changed:
                 next_due = timers.next_due(txn)
             conn.execute("COMMIT")
