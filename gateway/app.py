@@ -127,7 +127,11 @@ class Gateway:
             key=self.key,
             clock=clock,
         )
-        self.upstream = Upstream(config, self.writer, self.db, self.requests, clock=clock) if config.upstream else None
+        self.upstream = (
+            Upstream(config, self.writer, self.db, self.requests, reject=self.ingress.reject, clock=clock)
+            if config.upstream
+            else None
+        )
         self.publisher = Publisher(self.link, self.topics, self.reads, self.writer, health=self._health, clock=clock)
         if self.upstream is not None:
             self.publisher.mirror(self.upstream.link, self.upstream.topics)

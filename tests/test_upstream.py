@@ -254,3 +254,21 @@ async def test_tls_upstream_is_verified_and_without_the_ca_nothing_is_sent(tmp_p
             await drained(r)
     finally:
         broker.stop()
+
+
+async def test_a_retained_request_upstream_is_no_decision(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="central") as central:
+        await central.subscribe(f"{R_UP}/response/#", qos=1)
+        old = b'{"transaction": "t-old", "vehicle": "AB123CD", "lot": "lot1"}'
+        await central.publish(f"{R_UP}/request/enter", old, qos=1, retain=True)  # a broker's stored copy
+        cfg = upstream_config(tmp_path, f"host = '127.0.0.1'\nport = {mosquitto.port}")
+        async with rig(cfg) as r:
+            await r.upstream.link.wait_connected(DEADLINE)
+            await until(lambda: r.upstream.retained_rejected == 1)
+            fresh = b'{"transaction": "t-new", "lot": "lot1"}'
+            await central.publish(f"{R_UP}/request/availability", fresh, qos=1)
+            async with asyncio.timeout(DEADLINE):
+                reply = await anext(aiter(central.messages))
+            assert b'"transaction":"t-new"' in bytes(reply.payload)  # type: ignore[arg-type]
+            assert not [t for _, t in r.outbox() if t == "session.started"]
+        await central.publish(f"{R_UP}/request/enter", b"", qos=1, retain=True)

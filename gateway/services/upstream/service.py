@@ -28,6 +28,8 @@ from gateway.store.writer import Writer
 log = structlog.get_logger("gateway.upstream")
 
 Handler = Callable[[Incoming], Awaitable[None]]
+# (kind, device, reason, detail): counts and records a rejected input, as Ingress.reject does
+Reject = Callable[[str, str, str, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ class Upstream:
         requests: Requests,
         *,
         routes: tuple[tuple[str, Handler], ...] = (),
+        reject: Reject | None = None,
         tuning: Tuning = Tuning(),
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -64,6 +67,8 @@ class Upstream:
         assert up is not None, "no [upstream] in the config"
         self.topics: Topics = upstream_topics(config)
         self._requests = requests
+        self._reject = reject
+        self.retained_rejected = 0
         self._routes = ((self.topics.requests, self._request), *routes)
         self.forwarder = Forwarder(
             db,
@@ -113,6 +118,7 @@ class Upstream:
             "protocol": "5" if self.link.protocol == 5 else "3.1.1",
             "reconnects": self.link.reconnects,
             "queued": self.link.queue_depth,
+            "retained_requests_rejected": self.retained_rejected,
             "outbox": self.forwarder.health(),
         }
 
@@ -123,4 +129,11 @@ class Upstream:
                 return
 
     async def _request(self, msg: Incoming) -> None:
+        if msg.retain:
+            # A broker's stored copy of an old request (contract §3 v1.2): no decision, no reply.
+            self.retained_rejected += 1
+            if self._reject is not None:
+                verb = msg.topic.rsplit("/", 1)[-1]
+                self._reject("requests", verb, "retained", "a retained request from upstream is never a decision")
+            return
         await self._requests.handle(msg, ReplyRoute(self.link, self.topics))
