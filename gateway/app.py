@@ -28,6 +28,7 @@ from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
 from gateway.mqtt.local import broker_options, broker_warnings, local_tls
 from gateway.mqtt.topics import Topics, match
 from gateway.services.deadlines import Deadlines
+from gateway.services.homeassistant import HomeAssistant
 from gateway.services.housekeeping import Housekeeping
 from gateway.services.ingress import Ingress
 from gateway.services.lifecycle import Service, serve
@@ -79,6 +80,10 @@ class Gateway:
         tls = local_tls(config, embedded)
         # amqtt speaks 3.1.1 only; an external broker gets what the config asks (5 by default).
         protocol: Literal[3, 5] = 5 if not b.embedded and b.mqtt_version == "5" else 3
+        ha = config.homeassistant
+        # Home Assistant's birth topic, subscribed on the broker it listens to (local or upstream)
+        self._ha_status = f"{ha.prefix}/status" if ha is not None else ""
+        ha_local = ((self._ha_status, 1),) if ha is not None and ha.broker == "local" else ()
         # Device input and requests on a connection of their own (docs/design-notes.md, "Two connections"):
         # its reads pause under a deep backlog, which must not hold back the PUBACKs of our own publishes.
         self.inbound = InboundLink(
@@ -86,7 +91,7 @@ class Gateway:
                 host=b.host,
                 port=b.port,
                 client_id=f"{config.gateway.id}-local-in",
-                subscriptions=(*self.ingress.subscriptions, (self.topics.requests, 1)),
+                subscriptions=(*self.ingress.subscriptions, (self.topics.requests, 1), *ha_local),
                 username=username,
                 password=password,
                 tls=tls,
@@ -128,13 +133,28 @@ class Gateway:
             clock=clock,
         )
         self.upstream = (
-            Upstream(config, self.writer, self.db, self.requests, reject=self.ingress.reject, clock=clock)
+            Upstream(
+                config,
+                self.writer,
+                self.db,
+                self.requests,
+                routes=((self._ha_status, self._ha_birth),) if ha is not None and ha.broker == "upstream" else (),
+                reject=self.ingress.reject,
+                clock=clock,
+            )
             if config.upstream
             else None
         )
         self.publisher = Publisher(self.link, self.topics, self.reads, self.writer, health=self._health, clock=clock)
         if self.upstream is not None:
             self.publisher.mirror(self.upstream.link, self.upstream.topics)
+        self.homeassistant: HomeAssistant | None = None
+        if ha is not None:
+            # Home Assistant's broker: the local one, or upstream (the config requires [upstream] for it).
+            if ha.broker == "upstream" and self.upstream is not None:
+                self.homeassistant = HomeAssistant(config, self.upstream.link, self.upstream.topics)
+            else:
+                self.homeassistant = HomeAssistant(config, self.link, self.topics)
         self.housekeeping = Housekeeping(self.writer, clock=clock)
         self.deadlines = Deadlines(self.writer, clock=clock)
         self.systemd = Systemd(self.link, self.writer, clock=clock)
@@ -150,6 +170,7 @@ class Gateway:
             *([self.upstream] if self.upstream is not None else []),
             self.ingress,
             self.publisher,
+            *([self.homeassistant] if self.homeassistant is not None else []),
             self.housekeeping,
             self.deadlines,
             self.inbound,
@@ -175,7 +196,14 @@ class Gateway:
         finally:
             self.lock.release()
 
+    async def _ha_birth(self, msg: Incoming) -> None:
+        if self.homeassistant is not None:
+            await self.homeassistant.on_status(msg)
+
     async def _on_message(self, msg: Incoming) -> Handled:
+        if self._ha_status and msg.topic == self._ha_status:
+            await self._ha_birth(msg)
+            return None
         levels = match(self.topics.requests, msg.topic)
         if levels is None:
             return await self.ingress.handle(msg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from gateway.config.base import Loc, Problems, StrictModel, format_loc
 from gateway.config.broker import BrokerConfig
 from gateway.config.gates import GateConfig
 from gateway.config.gateway import GatewaySection
+from gateway.config.homeassistant import HA_ID, HomeAssistantConfig
 from gateway.config.ingress import IngressConfig
 from gateway.config.lots import LotConfig, SlotGroup, SlotSpec
 from gateway.config.policy import PolicyConfig
@@ -54,6 +56,7 @@ class GatewayConfig(StrictModel):
     # broker is embedded and closed: it needs a users_file) is reported by path like any other error.
     broker: BrokerConfig = Field(default_factory=dict, validate_default=True, description="The local broker.")
     upstream: UpstreamConfig | None = Field(None, description="Upstream sync; absent: none.")
+    homeassistant: HomeAssistantConfig | None = Field(None, description="Home Assistant discovery; absent: none.")
     ingress: IngressConfig = Field(default_factory=dict, validate_default=True, description="Device topics.")
     timing: TimingConfig = Field(default_factory=dict, validate_default=True, description="Durations.")
     policy: PolicyConfig = Field(default_factory=dict, validate_default=True, description="Gate decisions.")
@@ -73,10 +76,38 @@ class GatewayConfig(StrictModel):
         problems, specs = cross_check(
             lots, list(enumerate(self.gates)), list(enumerate(self.tariffs)), list(enumerate(self.access.permits))
         )
+        self._check_homeassistant(problems, specs)
         if problems:
             raise Problems(problems)
         self._slot_specs = tuple(specs)
         return self
+
+    def _check_homeassistant(self, problems: list[tuple[Loc, str]], specs: list[SlotSpec]) -> None:
+        ha = self.homeassistant
+        if ha is None:
+            return
+        if ha.broker == "upstream" and self.upstream is None:
+            problems.append((("homeassistant", "broker"), '"upstream" needs an [upstream] table'))
+        pattern = re.compile(HA_ID)
+        reason = "Home Assistant discovery ids allow only letters, digits, '_' and '-'"
+        for gi, gate in enumerate(self.gates):
+            if not pattern.match(gate.id):
+                problems.append((("gates", gi, "id"), f"{gate.id!r}: {reason}"))
+        types: dict[str, set[str]] = {}
+        for spec in specs:
+            types.setdefault(spec.lot, set()).add(spec.type)
+        for li, lot in enumerate(self.lots):
+            for zi, zone in enumerate(lot.zones):
+                if not pattern.match(zone.id):
+                    problems.append((("lots", li, "zones", zi, "id"), f"{zone.id!r}: {reason}"))
+                elif zone.id in types.get(lot.id, set()):
+                    problems.append(
+                        (
+                            ("lots", li, "zones", zi, "id"),
+                            f"zone {zone.id!r} is also a slot type of lot {lot.id!r}: their Home Assistant "
+                            f"unique ids ({self.gateway.id}_{lot.id}_{zone.id}_available) would be the same",
+                        )
+                    )
 
     def slot_specs(self) -> list[SlotSpec]:
         """Every slot of every lot, in config order."""
