@@ -19,12 +19,14 @@ import aiomqtt
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.core.domain import Enter, Exit, SensorChange, SensorChanges
+from gateway.core.plates import PlateKey
 from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
 from gateway.mqtt.topics import Topics
 from gateway.services.requests import Requests
 from gateway.services.upstream import Tuning, Upstream
 from gateway.store.reads import ReadStore
 from gateway.store.schema import connect, db_path
+from gateway.store.settings import settings_from_config
 from gateway.store.writer import Writer
 from tests.helpers import new_writer
 
@@ -127,7 +129,15 @@ async def rig(config: GatewayConfig, tuning: Tuning = FAST, *, start: bool = Tru
     local = Topics(f"parking/{config.gateway.id}")
     # never connected: these tests look upstream only
     local_link = MqttLink(LinkOptions("127.0.0.1", 1, f"{config.gateway.id}-local", local.status), _ignore)
-    requests = Requests(writer, reads, local, {lot.id for lot in config.lots}, local_link)
+    requests = Requests(
+        writer,
+        reads,
+        local,
+        {lot.id for lot in config.lots},
+        local_link,
+        settings=settings_from_config(config),
+        key=PlateKey(b"k" * 32),
+    )
     upstream = Upstream(config, writer, db_path(config.state_path()), requests, tuning=tuning)
     run: asyncio.Task[None] | None = None
     if start:
