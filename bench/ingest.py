@@ -641,7 +641,8 @@ def table(res: dict[str, Any]) -> str:
             f"| {ing['msgs_s']:,.0f} msgs/s | | | **{ing['msgs_s'] / raw:.0%} of the best raw rate**; "
             f"**VmHWM {_mib(ing['rss_peak_kib'])}** right after the burst ({_mib(b['rss_idle_kib'])} idle before); "
             f"{ing['transitions_committed']:,} of {ing['transitions_published']:,} transitions committed; publisher "
-            f"{ing['publish_msgs_s']:,.0f} msgs/s; daemon CPU {_cpu(ing['daemon_cpu_s'], ing['seconds'])}, "
+            f"{ing['publish_msgs_s']:,.0f} msgs/s; daemon CPU {_cpu(ing['daemon_cpu_s'], ing['seconds'])} "
+            f"({ing['daemon_cpu_s'] / ing['messages'] * 1e6:.0f} µs a message), "
             f"mosquitto CPU {_cpu(ing['broker_cpu_s'], ing['seconds'])} of wall time |"
         )
     for r in res["bursts"][0].get("requests", []):
