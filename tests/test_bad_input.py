@@ -69,7 +69,7 @@ def tts_ok(device: str, occupied: bool = True, f_cnt: int = 3) -> dict[str, Any]
     return {
         "end_device_ids": {"device_id": device, "application_ids": {"application_id": "parking"}},
         "received_at": iso_now(),
-        "uplink_message": {"f_cnt": f_cnt, "decoded_payload": {"occupied": occupied, "battery": 3.1}},
+        "uplink_message": {"f_cnt": f_cnt, "decoded_payload": {"occupied": occupied, "battery": 3.6}},
     }
 
 

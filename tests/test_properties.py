@@ -2,6 +2,9 @@
 
 The writer runs on a ManualClock: reservations, their holds and releases, payments and their grace windows are
 driven by clock advances (deadlines fired by FireDue, as the deadlines service does).
+Besides: besides entries, exits and blocks: sensor reports (duplicated, reordered, flapping) through the real tracker,
+the clock advancing (debounce, vacate grace, offline, arrival window, due deadlines fired) and the wall clock
+as the ingress and the deadlines service would drive them (wall steps: tests/test_reconcile.py).
 """
 
 from __future__ import annotations
@@ -17,11 +20,30 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from drivers.observations import SensorObservation
 from gateway.core.clock import ManualClock
-from gateway.core.domain import Block, CancelReservation, Command, Enter, Exit, FireDue, Pay, Reply, Reserve, Unblock
+from gateway.core.domain import (
+    BatteryReport,
+    Block,
+    CancelReservation,
+    Command,
+    Enter,
+    Exit,
+    FireDue,
+    Pay,
+    Reply,
+    Reserve,
+    SensorChange,
+    SensorChanges,
+    SensorsSeen,
+    Unblock,
+)
 from gateway.core.exits import charges
+from gateway.core.reconcile import offline_pad
+from gateway.core.sensors import SensorTracker
+from gateway.core.slots import derive_status
 from gateway.store.audit import audit
-from gateway.store.availability import availability
+from gateway.store.availability import SENSOR_STATES, availability
 from gateway.store.settings import settings_from_config
 from gateway.store.writer import Committed
 from tests.helpers import EVENTS_SCHEMA, lot_config, new_writer, reader
@@ -29,6 +51,8 @@ from tests.helpers import EVENTS_SCHEMA, lot_config, new_writer, reader
 VEHICLES = [f"CAR{i:02d}" for i in range(14)]
 SLOTS = [f"A-{i:03d}" for i in range(1, 7)] + ["A-900", "A-901"]
 TRANSACTIONS = [f"t{i}" for i in range(5)]
+# Slots with a reporting sensor: the first in fill order (where entries go) and one ev slot; the rest have none.
+SENSED = ["A-001", "A-002", "A-003", "A-900"]
 
 vehicles = st.sampled_from(VEHICLES)
 slots = st.sampled_from(SLOTS)
@@ -76,6 +100,9 @@ class WriterMachine(RuleBasedStateMachine):
         self.clock = ManualClock()
         self.writer = new_writer(self.cfg, self.clock)
         self.writer_settings = settings_from_config(self.cfg)
+        # The ingress's part, driven by hand: the real tracker on the same clock.
+        self.tracker = SensorTracker(debounce=5.0, offline_after=900.0)
+        self.seq = dict.fromkeys(SLOTS, 0)
         self.task = self.loop.create_task(self.writer.run())
         self.loop.run_until_complete(self.writer.wait_ready())
         self.seen_seq = 0
@@ -191,11 +218,6 @@ class WriterMachine(RuleBasedStateMachine):
             row = self.conn.execute("SELECT reservation_id FROM sessions WHERE id = ?", (reply.data["session_id"],))
             assert row.fetchone()[0] is not None, "the reserved vehicle arrived in its window but got no reservation"
 
-    @rule(seconds=st.sampled_from([30, 300, 900, 1800, 3600]))
-    def advance(self, seconds: int) -> None:
-        self.clock.advance(seconds)
-        self._fire()
-
     @rule(data=st.data(), delta=st.sampled_from([-1, 0, 100]), ref=st.sampled_from([f"p{i}" for i in range(6)]))
     def pay(self, data: st.DataObject, delta: int, ref: str) -> None:
         active = self.conn.execute("SELECT * FROM sessions WHERE state = 'active' ORDER BY rowid").fetchall()
@@ -227,21 +249,81 @@ class WriterMachine(RuleBasedStateMachine):
             if cmd.idempotency_key is not None:
                 self._check_transaction(cmd, reply)
 
+    @rule(
+        slot=st.sampled_from(SENSED),
+        occupied=st.booleans(),
+        how=st.sampled_from(["next", "next", "next", "duplicate", "late", "reboot"]),
+        battery=st.none() | st.sampled_from([3.6, 3.2]),
+        then=st.sampled_from([0.0, 5.0, 5.0, 30.0]),
+    )
+    def report(self, slot: str, occupied: bool, how: str, battery: float | None, then: float) -> None:
+        """A sensor message as the ingress sees it: in order, repeated, late (reordered) or after a reboot."""
+        if how == "next":
+            self.seq[slot] += 1
+        elif how == "reboot":
+            self.seq[slot] = 0
+        seq = self.seq[slot] - 1 if how == "late" and self.seq[slot] > 0 else self.seq[slot]
+        self.tracker.observe(SensorObservation(slot, occupied, None, seq, battery, "json"), self.clock.monotonic())
+        if battery is not None:
+            self._submit([BatteryReport(sensor=slot, volts=battery, threshold=3.3, low=battery < 3.3)])
+        if then:
+            self.advance(then)
+
+    @rule(seconds=st.sampled_from([1.0, 4.0, 5.0, 30.0, 300.0, 601.0, 900.0, 1800.0, 3600.0]))
+    def advance(self, seconds: float) -> None:
+        """Time passes: debounced transitions and silences are committed, then every due deadline fires."""
+        self.clock.advance(seconds)
+        mono = self.clock.monotonic()
+        to_wall = self.clock.wall() - mono
+        transitions = self.tracker.due(mono)
+        changes = [
+            SensorChange(t.sensor_id, "occupied" if t.occupied else "vacant", t.at + to_wall) for t in transitions
+        ]
+        changes += [SensorChange(s, "offline", seen + to_wall) for s, seen in self.tracker.silent(mono)]
+        if changes:
+            (reply,) = self._submit([SensorChanges(changes=tuple(changes))])
+            assert reply.ok
+            self.tracker.committed(transitions)
+        self._fire()
+        # What the ingress learns from the commits: an offline sensor's next report is a transition.
+        for sensor in self.conn.execute("SELECT sensor FROM slots WHERE sensor_state = 'offline'"):
+            if not self.tracker.is_silent(sensor[0]):
+                self.tracker.mark_offline(sensor[0])
+
+    @rule()
+    def flush(self) -> None:
+        """The ingress's periodic flush of offline deadlines (padded past the memory's)."""
+        timeline = self.writer.timeline
+        seen = [
+            (s, heard, heard + 900.0 + offline_pad(60.0))
+            for s in SLOTS
+            if (t := self.tracker.last_seen(s)) is not None
+            for heard in [timeline.now() - (self.clock.monotonic() - t)]
+        ]
+        if seen:
+            self._submit([SensorsSeen(deadlines=tuple(seen))])
+
     @invariant()
     def invariants_hold(self) -> None:
         assert audit(self.conn) == []
         assert self.gaps == []
         doc = availability(self.conn, "lot1")
+        implied = {"available": 0, "occupied": 0, "reserved": 0, "blocked": 0}
+        sensors = dict.fromkeys(SENSOR_STATES, 0)
+        for blocked, sensor, has_session, held in self.conn.execute(
+            "SELECT t.blocked, t.sensor_state,"
+            " EXISTS (SELECT 1 FROM sessions s WHERE s.slot = t.id AND s.state = 'active'),"
+            " EXISTS (SELECT 1 FROM reservations r WHERE r.slot = t.id AND r.state = 'held') FROM slots t"
+        ):
+            implied[derive_status(bool(has_session), bool(blocked), sensor, bool(held))] += 1
+            sensors[sensor] += 1
+        assert {k: doc[k] for k in implied} == implied
+        assert doc["sensors"] == sensors
+        assert doc["total"] == sum(implied.values()) == sum(sensors.values())
         active_on_slots = self.conn.execute(
             "SELECT COUNT(*) FROM sessions WHERE state = 'active' AND slot IS NOT NULL"
         ).fetchone()[0]
-        assert doc["occupied"] == active_on_slots
-        assert doc["total"] == doc["available"] + doc["occupied"] + doc["reserved"] + doc["blocked"]
-        blocked_free = self.conn.execute(
-            "SELECT COUNT(*) FROM slots t WHERE blocked = 1"
-            " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.slot = t.id AND s.state = 'active')"
-        ).fetchone()[0]
-        assert doc["blocked"] == blocked_free
+        assert doc["occupied"] >= active_on_slots
         next_seq = int(self.conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
         assert next_seq == self.seen_seq + 1
         held_free = self.conn.execute(
@@ -279,5 +361,5 @@ class WriterMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-WriterMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+WriterMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestWriterMachine = WriterMachine.TestCase

@@ -98,6 +98,9 @@ class SlotGroup(StrictModel):
     offline_after: float | None = Field(
         None, gt=0, description="This group's `sensor_offline_after` (e.g. a LoRaWAN daily heartbeat)."
     )
+    battery_low: float | None = Field(
+        None, gt=0, description="This group's `[sensors] battery_low` (volts), for sensors of another chemistry."
+    )
 
     _slot_ids: tuple[str, ...] = PrivateAttr(())
 
@@ -154,3 +157,4 @@ class SlotSpec:
     sensor: str
     offline_after: float | None
     fill_order: int
+    battery_low: float | None = None

@@ -21,6 +21,7 @@ from gateway.config.ingress import IngressConfig
 from gateway.config.lots import LotConfig, SlotGroup, SlotSpec
 from gateway.config.policy import PolicyConfig
 from gateway.config.privacy import PrivacyConfig
+from gateway.config.sensors import SensorsConfig
 from gateway.config.store import StoreConfig
 from gateway.config.tariffs import TariffConfig
 from gateway.config.timing import TimingConfig
@@ -59,6 +60,7 @@ class GatewayConfig(StrictModel):
     homeassistant: HomeAssistantConfig | None = Field(None, description="Home Assistant discovery; absent: none.")
     ingress: IngressConfig = Field(default_factory=dict, validate_default=True, description="Device topics.")
     timing: TimingConfig = Field(default_factory=dict, validate_default=True, description="Durations.")
+    sensors: SensorsConfig = Field(default_factory=dict, validate_default=True, description="Sensor health.")
     policy: PolicyConfig = Field(default_factory=dict, validate_default=True, description="Gate decisions.")
     access: AccessConfig = Field(default_factory=dict, validate_default=True, description="Access lists.")
     privacy: PrivacyConfig = Field(default_factory=dict, validate_default=True, description="Privacy.")
@@ -202,7 +204,14 @@ def _check_lots(lots: Sequence[_Lot], problems: list[tuple[Loc, str]]) -> list[S
                         sensor_places[sensor] = (sensor_loc, explicit)
                     specs.append(
                         SlotSpec(
-                            slot_id, lot.id or "", zone.id or "", group.type, sensor, group.offline_after, fill_order
+                            slot_id,
+                            lot.id or "",
+                            zone.id or "",
+                            group.type,
+                            sensor,
+                            group.offline_after,
+                            fill_order,
+                            group.battery_low,
                         )
                     )
                     fill_order += 1

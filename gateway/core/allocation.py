@@ -6,7 +6,7 @@ import sqlite3
 import uuid
 from typing import Any
 
-from gateway.core import reservations, slots
+from gateway.core import reconcile, reservations, slots
 from gateway.core.domain import CommandError, Enter
 from gateway.core.events import DenyReason, EntryDenied, SessionConfirmed, SessionStarted
 from gateway.core.plates import PlateError, normalise
@@ -143,6 +143,7 @@ def enter(txn: Txn, cmd: Enter) -> dict[str, Any]:
     )
     if confirmed_now:
         txn.emit(SessionConfirmed(session_id=session_id, gate=cmd.gate))
+        reconcile.session_confirmed(txn, session_id)
     if reservation_id is not None:
         reservations.arrived(txn, reservation_id, session_id)
     slots.refresh(txn, slot_id, "session.started")

@@ -82,20 +82,24 @@ class ManualClock:
             if not fut.done():
                 fut.set_result(None)
 
+    def _sleeper(self, seconds: float) -> asyncio.Future[None]:
+        # Registered at once, not when a task first runs: an advance() right after a wait() must count.
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._mono + seconds, next(self._order), fut))
+        return fut
+
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:
             await asyncio.sleep(0)
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._mono + seconds, next(self._order), fut))
-        await fut
+        await self._sleeper(seconds)
 
     async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
         if timeout is None:
             await event.wait()
             return
         waiter = asyncio.ensure_future(event.wait())
-        sleeper = asyncio.ensure_future(self.sleep(timeout))
+        sleeper = self._sleeper(timeout) if timeout > 0 else asyncio.ensure_future(asyncio.sleep(0))
         try:
             await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
         finally:

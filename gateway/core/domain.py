@@ -146,6 +146,28 @@ class SensorChanges(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class SensorsSeen(Command):
+    """The ingress's periodic flush: (sensor, last heard, offline deadline), both on the writer's Timeline."""
+
+    deadlines: tuple[tuple[str, float, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BatteryReport(Command):
+    """A sensor's battery crossed its threshold: `low` (alert, at most once a day) or recovered."""
+
+    sensor: str
+    volts: float
+    threshold: float
+    low: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Rearm(Command):
+    """At start: deadline rows made to match the sensor and session state (gateway/core/reconcile.py)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RecordRejections(Command):
     """Bad input seen by the drivers: kept in the store (last N) for the operator."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol
 
-from gateway.core import slots
+from gateway.core import reconcile, slots
 from gateway.core.clock import iso_ms
 from gateway.core.domain import CommandError, Exit, Pay
 from gateway.core.events import ExitUnmatched, Fee, PaymentConfirmed, PaymentRequested, SessionEnded
@@ -198,6 +198,7 @@ def exit_(txn: Txn, cmd: Exit) -> dict[str, Any]:
     txn.conn.execute("DELETE FROM exit_refusals WHERE session_id = ?", (session["id"],))
     if session["slot"] is not None:
         slots.refresh(txn, session["slot"], "session.ended")
+    reconcile.session_closed(txn, session["id"], session["slot"])
     fee_doc = {"amount": c.amount, "currency": c.currency}
     return {"session_id": session["id"], "slot": session["slot"], "duration_s": c.duration_s, "fee": fee_doc}
 

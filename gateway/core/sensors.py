@@ -23,12 +23,17 @@ Debounce: a state counts once it has held for `debounce` seconds since it was fi
 Commit: `due` hands a transition out without taking it as committed; the caller reports the writer's answer,
 `committed` or `failed`. Until then the transition is the sensor's state on its way to the store (new messages
 are compared with it); a failed one is owed again after `RETRY_S`, unless the sensor has moved on since.
+
+Silence: a sensor heard at least once and then silent for its `offline_after` is returned once by `silent()`
+(call it after `due()`); its state is then unknown, so whatever it reports next is a transition again. One heap
+entry per sensor, re-pushed when it comes due early: a heartbeat costs O(1), never a write.
 """
 
 from __future__ import annotations
 
 import enum
 import heapq
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,15 +82,26 @@ class _Sensor:
     pending: bool | None = None
     pending_since: float = 0.0
     generation: int = 0  # bumps whenever the pending state changes; stale heap entries are skipped
+    watched: bool = False  # has an entry in the silence heap
+    silent: bool = False  # went silent (or offline in the store) and was not heard since
 
 
 class SensorTracker:
     """Per-sensor ordering and debounce; `observe` on each message, `due` when `next_deadline` passes."""
 
-    def __init__(self, *, debounce: float) -> None:
+    def __init__(
+        self,
+        *,
+        debounce: float,
+        offline_after: float | None = None,
+        offline_overrides: Mapping[str, float] | None = None,
+    ) -> None:
         if debounce < 0:
             raise ValueError("debounce must be >= 0")
         self._debounce = debounce
+        self._offline_after = offline_after
+        self._offline_overrides = dict(offline_overrides or {})
+        self._silence: list[tuple[float, str]] = []
         self._sensors: dict[str, _Sensor] = {}
         self._deadlines: list[tuple[float, str, int]] = []
         # States that held for `debounce` and were then replaced before due() ran (a busy loop): still owed.
@@ -111,6 +127,11 @@ class SensorTracker:
         if verdict in (Verdict.DUPLICATE, Verdict.OUT_OF_ORDER):
             return verdict
         sensor.last_seen = now
+        after = self.offline_after(obs.sensor_id)
+        if after is not None and (sensor.silent or not sensor.watched):
+            heapq.heappush(self._silence, (now + after, obs.sensor_id))
+            sensor.watched = True
+        sensor.silent = False
         if obs.seq is not None:
             sensor.last_seq = obs.seq
         if obs.ts is not None:
@@ -157,7 +178,8 @@ class SensorTracker:
         """The writer committed these (handed out by `due`)."""
         for t in transitions:
             sensor = self._sensors[t.sensor_id]
-            sensor.emitted = t.occupied
+            if not sensor.silent:  # gone silent since: its state stays unknown
+                sensor.emitted = t.occupied
             if sensor.inflight is t:
                 sensor.inflight = None
 
@@ -175,6 +197,42 @@ class SensorTracker:
             elif sensor.pending == sensor.emitted:
                 self._clear_pending(sensor)  # changed back while on its way: the store already has it
             # else: the newer pending state differs from the store and comes due by itself
+
+    def offline_after(self, sensor_id: str) -> float | None:
+        return self._offline_overrides.get(sensor_id, self._offline_after)
+
+    def silent(self, now: float) -> list[tuple[str, float]]:
+        """Sensors silent for their offline_after since they were last heard, each once: (sensor, last_seen)."""
+        out: list[tuple[str, float]] = []
+        while self._silence and self._silence[0][0] <= now:
+            _, sensor_id = heapq.heappop(self._silence)
+            sensor = self._sensors[sensor_id]
+            after = self.offline_after(sensor_id)
+            if sensor.silent or sensor.last_seen is None or after is None:
+                continue
+            due = sensor.last_seen + after
+            if due > now:
+                heapq.heappush(self._silence, (due, sensor_id))
+                continue
+            sensor.watched = False
+            self.mark_offline(sensor_id)
+            out.append((sensor_id, sensor.last_seen))
+        return out
+
+    def next_silence(self) -> float | None:
+        """When `silent()` may next have something (possibly early: entries move only when they come due)."""
+        return self._silence[0][0] if self._silence else None
+
+    def is_silent(self, sensor_id: str) -> bool:
+        sensor = self._sensors.get(sensor_id)
+        return sensor is not None and sensor.silent
+
+    def mark_offline(self, sensor_id: str) -> None:
+        """The sensor's state is unknown (silent, or offline in the store): its next report is a transition."""
+        sensor = self._sensors.setdefault(sensor_id, _Sensor())
+        sensor.silent = True
+        sensor.emitted = None  # a state still pending is owed as it is
+        sensor.inflight = None
 
     def next_deadline(self) -> float | None:
         ready = min((deadline for deadline, _ in self._ready), default=None)

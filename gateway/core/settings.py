@@ -71,3 +71,11 @@ class Settings:
     hold_ahead: float = 1800.0
     no_show_after: float = 1800.0
     exit_unpaid: str = "deny"  # "deny" | "bill_later"
+    # Sensors and sessions (contract §6), gateway/core/reconcile.py
+    arrival_window: float = 900.0
+    vacate_grace: float = 600.0
+    sensor_offline_after: float = 900.0
+    # How far a stored offline deadline lies past the one kept in memory (gateway/core/reconcile.py).
+    offline_pad: float = 300.0
+    # A vacate countdown whose sensor has not been heard since the vacancy began looks again this much later.
+    vacate_recheck: float = 120.0

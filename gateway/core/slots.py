@@ -1,12 +1,16 @@
-"""Slot status: derived from sessions, blocks and sensor evidence; block, unblock and sensor changes."""
+"""Slot status: derived from sessions, blocks and sensor evidence; block and unblock.
+
+A block on an occupied slot applies once it is free (contract §6): `derive_status` puts occupied first, so the
+slot stays `occupied` while its session or its sensor holds it and turns `blocked`, never `available`, when freed.
+Sensor transitions are decided in gateway/core/reconcile.py.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from typing import Any
 
-from gateway.core.clock import iso_ms
-from gateway.core.domain import Block, CommandError, SensorChange, SensorChanges, Unblock
+from gateway.core.domain import Block, CommandError, Unblock
 from gateway.core.events import SlotState, SlotStatus
 from gateway.core.txn import Txn
 
@@ -93,29 +97,3 @@ def unblock(txn: Txn, cmd: Unblock) -> dict[str, Any]:
     txn.conn.execute("UPDATE slots SET blocked = 0, block_reason = NULL WHERE id = ?", (cmd.slot,))
     refresh(txn, cmd.slot, "unblocked")
     return {}
-
-
-def sensor_changes(txn: Txn, cmd: SensorChanges) -> dict[str, Any]:
-    changed = [slot for change in cmd.changes if (slot := _sensor_change(txn, change)) is not None]
-    return {"changed": changed}
-
-
-def _sensor_change(txn: Txn, cmd: SensorChange) -> str | None:
-    """Apply one transition; the slot id when it changed something, None for a no-op or an unknown sensor."""
-    row = txn.conn.execute("SELECT id, sensor_state FROM slots WHERE sensor = ?", (cmd.sensor,)).fetchone()
-    if row is None or row["sensor_state"] == cmd.state:
-        return None
-    slot_id: str = row["id"]
-    txn.conn.execute("UPDATE slots SET sensor_state = ? WHERE id = ?", (cmd.state, slot_id))
-    session = active_session_on(txn.conn, slot_id)
-    if cmd.state == "occupied" and session is None:
-        txn.alert(
-            "slot.unregistered_occupancy",
-            "warning",
-            {"slot": slot_id},
-            f"slot {slot_id} reports a vehicle without a session since {iso_ms(cmd.at)}",
-        )
-    elif cmd.state == "offline":
-        txn.alert("sensor.offline", "warning", {"slot": slot_id, "sensor": cmd.sensor}, "sensor went silent")
-    refresh(txn, slot_id, f"sensor.{cmd.state}", sensor_moved=True)
-    return slot_id

@@ -23,6 +23,7 @@ from drivers.tts import parse_tts_uplink
 from gateway.config import GateConfig, GatewayConfig, IngressKind
 from gateway.core.clock import SYSTEM_CLOCK, Clock
 from gateway.core.domain import (
+    BatteryReport,
     Command,
     Enter,
     Exit,
@@ -31,14 +32,17 @@ from gateway.core.domain import (
     Reply,
     SensorChange,
     SensorChanges,
+    SensorsSeen,
 )
+from gateway.core.events import SlotStatus
 from gateway.core.plates import PlateError, confusion_key, normalise
+from gateway.core.reconcile import OFFLINE, battery_verdict, offline_pad, offline_slack
 from gateway.core.sensors import SensorTracker, Transition, Verdict
 from gateway.mqtt.inbound import Handled
 from gateway.mqtt.link import Incoming
 from gateway.mqtt.topics import device_level, match
 from gateway.store.reads import ReadStore
-from gateway.store.writer import Writer, WriterClosed
+from gateway.store.writer import Committed, Writer, WriterClosed
 
 log = structlog.get_logger("gateway.ingress")
 
@@ -49,6 +53,7 @@ MAX_TRACKED_SOURCES = 10_000
 MAX_IN_FLIGHT = 1024  # commands handed to the writer and not yet committed
 SENSOR_BATCH = 128  # debounced transitions per writer command: one task, one future, one savepoint for many
 DECISIONS = ("cameras", "platerecognizer")  # ingress kinds whose messages are decisions
+SEEN_BATCH = 512  # offline deadlines per writer command
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +72,25 @@ class Ingress:
         self._reads = reads
         self._clock = clock
         self.routes = [Route(f, kind) for kind, filters in config.ingress.by_kind() for f in filters]
-        self.sensors = {spec.sensor for spec in config.slot_specs()}
+        specs = config.slot_specs()
+        self.sensors = {spec.sensor for spec in specs}
+        self._sensor_of = {spec.id: spec.sensor for spec in specs}
         self.gates: dict[str, GateConfig] = {g.camera: g for g in config.gates if g.camera is not None}
-        self.tracker = SensorTracker(debounce=config.timing.debounce)
+        self.tracker = SensorTracker(
+            debounce=config.timing.debounce,
+            offline_after=config.timing.sensor_offline_after,
+            offline_overrides={s.sensor: s.offline_after for s in specs if s.offline_after is not None},
+        )
+        # Offline deadlines in the store (gateway/core/reconcile.py): what we know is stored, and what to write.
+        self._flush_every = config.timing.sensor_seen_flush
+        self._pad = offline_pad(self._flush_every)
+        self._slack = offline_slack(self._flush_every)
+        self._stored: dict[str, float] = {}
+        self._to_store: dict[str, tuple[float, float]] = {}  # sensor -> (last heard, memory's deadline)
+        self._stopped = False
+        # Battery: the threshold per sensor, and what is known (low, when last alerted on the Timeline).
+        self._battery_low_at = {s.sensor: s.battery_low or config.sensors.battery_low for s in specs}
+        self._battery: dict[str, tuple[bool, float | None]] = {}
         self.accepted: Counter[str] = Counter()
         self.rejected: Counter[tuple[str, str]] = Counter()
         self.verdicts: Counter[str] = Counter()
@@ -93,11 +114,36 @@ class Ingress:
         """Seed the tracker with the committed sensor states, so a restart does not re-emit what is known."""
         for sensor, occupied in await self._reads.sensor_states():
             self.tracker.seed(sensor, occupied)
+        for sensor, alerted in await self._reads.battery_alerts():
+            self._battery[sensor] = (True, alerted)
+        self._stored = await self._reads.deadlines(OFFLINE)
+        self._writer.add_listener(self._on_commit)
 
     async def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._writer.remove_listener(self._on_commit)
+            await self._flush_exact()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _on_commit(self, done: Committed) -> None:
+        for envelope in done.events:
+            match envelope.event:
+                case SlotStatus(slot=slot_id, sensor="offline", reason="sensor.offline"):
+                    # Also after a deadline from the store fired it: the next report is a transition again.
+                    sensor = self._sensor_of.get(slot_id)
+                    if sensor is not None:
+                        self.tracker.mark_offline(sensor)
+                        self._stored.pop(sensor, None)
+                        self._to_store.pop(sensor, None)
+                case _:
+                    pass
+
+    def _timer(self, mono: float) -> float:
+        """A monotonic reading as the writer's Timeline time (what stored deadlines are measured in)."""
+        return self._writer.timeline.now() - (self._clock.monotonic() - mono)
 
     async def health(self) -> dict[str, Any]:
         return {
@@ -153,6 +199,53 @@ class Ingress:
         if verdict in (Verdict.ACCEPTED, Verdict.REBOOT):
             self.accepted[obs.source] += 1
             self._wakeup.set()
+            self._seen(obs.sensor_id, mono)
+            if obs.battery is not None:
+                self._battery_reading(obs.sensor_id, obs.battery, mono)
+
+    def _seen(self, sensor: str, mono: float) -> None:
+        """Heartbeats stay in memory; the stored offline deadline moves only when the memory's nears it."""
+        after = self.tracker.offline_after(sensor)
+        if after is None:
+            return
+        seen = self._timer(mono)
+        due = seen + after
+        stored = self._stored.get(sensor)
+        if stored is not None and due <= stored - self._slack:
+            return
+        self._to_store[sensor] = (seen, due)
+        if stored is not None and stored - self._timer(mono) < self._slack:
+            # Silent for nearly offline_after (or heard first after a restart): the stored deadline is close.
+            self._pending.append(self._store_deadlines([sensor]))
+
+    def _store_deadlines(self, sensors: list[str], *, exact: bool = False) -> SensorsSeen:
+        pad = 0.0 if exact else self._pad
+        deadlines = tuple((s, seen, due + pad) for s in sensors for seen, due in [self._to_store.pop(s)])
+        self._stored.update((s, due) for s, _, due in deadlines)
+        return SensorsSeen(deadlines=deadlines)
+
+    async def _flush_exact(self) -> None:
+        """At a clean stop: every heard sensor's exact deadline, so a restart keeps each countdown to the second."""
+        for sensor in self.sensors:
+            seen, after = self.tracker.last_seen(sensor), self.tracker.offline_after(sensor)
+            if seen is not None and after is not None and not self.tracker.is_silent(sensor):
+                self._to_store[sensor] = (self._timer(seen), self._timer(seen) + after)
+        if not self._to_store:
+            return
+        try:
+            await self._writer.submit(self._store_deadlines(list(self._to_store), exact=True))
+        except WriterClosed:
+            pass
+
+    def _battery_reading(self, sensor: str, volts: float, mono: float) -> None:
+        threshold = self._battery_low_at[sensor]
+        low, alerted = self._battery.get(sensor, (False, None))
+        now = self._timer(mono)
+        verdict = battery_verdict(volts, threshold, low=low, alerted_at=alerted, now=now)
+        if verdict is None:
+            return
+        self._battery[sensor] = (True, now) if verdict == "low" else (False, None)
+        self._pending.append(BatteryReport(sensor=sensor, volts=volts, threshold=threshold, low=verdict == "low"))
 
     def _plate(self, read: PlateRead, mono: float) -> None:
         gate = self.gates.get(read.camera_id)
@@ -246,14 +339,14 @@ class Ingress:
     async def run(self) -> None:
         """Commit debounced sensor transitions when due; flush the rejection log once a second."""
         try:
-            await asyncio.gather(self._debounce_loop(), self._flush_loop())
+            await asyncio.gather(self._debounce_loop(), self._flush_loop(), self._seen_loop())
         finally:
             await self.stop()
 
     async def _debounce_loop(self) -> None:
         while True:
-            deadline = self.tracker.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+            deadlines = [d for d in (self.tracker.next_deadline(), self.tracker.next_silence()) if d is not None]
+            timeout = max(0.0, min(deadlines) - self._clock.monotonic()) if deadlines else None
             self._wakeup.clear()
             if timeout is None or timeout > 0:
                 await self._clock.wait(self._wakeup, timeout)
@@ -265,10 +358,24 @@ class Ingress:
                 SensorChange(sensor=t.sensor_id, state="occupied" if t.occupied else "vacant", at=t.at + to_wall)
                 for t in transitions
             ]
+            # After due(): a state that held before the silence is committed first.
+            for sensor, seen in self.tracker.silent(mono):
+                due.append(SensorChange(sensor=sensor, state="offline", at=seen + to_wall))
+                self._stored.pop(sensor, None)
+                self._to_store.pop(sensor, None)
             for i in range(0, len(due), SENSOR_BATCH):
                 cmd = SensorChanges(changes=tuple(due[i : i + SENSOR_BATCH]))
                 self._transitions[id(cmd)] = transitions[i : i + SENSOR_BATCH]
                 self._pending.append(cmd)
+            await self._submit_pending()
+
+    async def _seen_loop(self) -> None:
+        """Every sensor_seen_flush: the offline deadlines that moved, in one command per SEEN_BATCH sensors."""
+        while True:
+            await self._clock.sleep(self._flush_every)
+            sensors = list(self._to_store)
+            for i in range(0, len(sensors), SEEN_BATCH):
+                self._pending.append(self._store_deadlines(sensors[i : i + SEEN_BATCH]))
             await self._submit_pending()
 
     async def _flush_loop(self) -> None:

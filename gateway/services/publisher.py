@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.core.clock import SYSTEM_CLOCK, Clock, iso_ms
-from gateway.core.events import SessionEnded, SessionStarted, SlotStatus
+from gateway.core.events import SessionEnded, SessionMoved, SessionStarted, SlotStatus
 from gateway.mqtt.link import MqttLink
 from gateway.mqtt.topics import Topics
 from gateway.store.availability import fold
@@ -85,7 +85,8 @@ class Publisher:
         self._every = availability_every
         self.slots: dict[str, _Slot] = {}
         self.lots: list[str] = []
-        self._counts: dict[str, Counter[tuple[str, str, str]]] = {}
+        self._counts: dict[str, Counter[tuple[str, str, str, str]]] = {}
+        self.availability_docs: dict[str, dict[str, Any]] = {}  # the last published document per lot
         self._dirty: set[str] = set()
         self._wakeup = asyncio.Event()
         self._mirrors: list[tuple[MqttLink, Topics]] = []
@@ -103,11 +104,11 @@ class Publisher:
         async for row in self._reads.slots():
             self.slots[row["slot"]] = _Slot(row)
         self.lots = sorted({s.lot for s in self.slots.values()})
-        # Slots per (zone, type, status) for each lot, kept in step with `slots`: an availability document
+        # Slots per (zone, type, status, sensor) for each lot, kept in step with `slots`: an availability document
         # costs the number of zones and types, not the number of slots.
         self._counts = {lot: Counter() for lot in self.lots}
         for slot in self.slots.values():
-            self._counts[slot.lot][(slot.zone, slot.type, slot.status)] += 1
+            self._counts[slot.lot][self._key(slot)] += 1
         self._writer.add_listener(self.on_commit)
         self.publish_all()
 
@@ -132,6 +133,10 @@ class Publisher:
     def _mirrored(self, topic: str, topics: Topics) -> str:
         return topics.root + topic[len(self._topics.root) :]
 
+    @staticmethod
+    def _key(slot: _Slot) -> tuple[str, str, str, str]:
+        return slot.zone, slot.type, slot.status, slot.sensor
+
     def on_commit(self, done: Committed) -> None:
         """Writer listener: runs in the loop after COMMIT, never blocks."""
         touched: set[str] = set()
@@ -141,20 +146,30 @@ class Publisher:
             match envelope.event:
                 case SlotStatus(slot=slot_id, status=status, sensor=sensor) if slot_id in self.slots:
                     slot = self.slots[slot_id]
-                    if status != slot.status:
+                    if status != slot.status or sensor != slot.sensor:
                         counts = self._counts[slot.lot]
-                        counts[(slot.zone, slot.type, slot.status)] -= 1
-                        counts[(slot.zone, slot.type, status)] += 1
+                        counts[self._key(slot)] -= 1
+                        if status != slot.status:
+                            slot.since = envelope.ts  # as in the store: since the status, not the sensor, changed
                         slot.status = sys.intern(status)
-                        slot.since = envelope.ts  # as in the store: since the status, not the sensor, changed
+                        slot.sensor = sys.intern(sensor)
+                        counts[self._key(slot)] += 1
                         self._dirty.add(slot.lot)
-                    slot.sensor = sys.intern(sensor)
                 case SessionStarted(slot=str(slot_id), session_id=session_id) if slot_id in self.slots:
                     self.slots[slot_id].session = session_id
                 case SessionEnded(slot=str(slot_id), session_id=session_id) if (
                     slot_id in self.slots and self.slots[slot_id].session == session_id
                 ):
                     self.slots[slot_id].session = None
+                case SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=to_slot):
+                    moved_from = self.slots.get(from_slot) if from_slot is not None else None
+                    if from_slot is not None and moved_from is not None and moved_from.session == session_id:
+                        moved_from.session = None
+                        touched.add(from_slot)
+                    if to_slot is not None and to_slot in self.slots:
+                        self.slots[to_slot].session = session_id
+                        touched.add(to_slot)
+                    continue
                 case _:
                     continue
             touched.add(slot_id)
@@ -164,8 +179,9 @@ class Publisher:
             self._wakeup.set()
 
     def _publish_availability(self, lot: str) -> None:
-        rows = ((z, t, st, n) for (z, t, st), n in self._counts[lot].items() if n)
+        rows = ((z, t, st, x, n) for (z, t, st, x), n in self._counts[lot].items() if n)
         doc = fold(lot, rows, self._clock.wall())
+        self.availability_docs[lot] = doc
         self._retain(self._topics.availability(lot), _dumps(doc))
 
     async def run(self) -> None:

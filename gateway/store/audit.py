@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.core.reconcile import OFFLINE, VACATE
 from gateway.core.slots import derive_status
 
 FENCES = ("sessions_one_per_slot", "sessions_one_per_vehicle")
@@ -57,6 +58,7 @@ def audit(conn: sqlite3.Connection) -> list[str]:
             " WHERE r.state IN ('booked', 'held') AND (t.id IS NULL OR t.lot != r.lot)"
         ):
             problems.append(f"reservation {rid}: slot {slot} is not a slot of lot {lot}")
+        problems.extend(_check_deadlines(conn))
         problems.extend(_check_seq(conn))
         present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         for fence in FENCES:
@@ -65,6 +67,41 @@ def audit(conn: sqlite3.Connection) -> list[str]:
     finally:
         conn.execute("COMMIT")
     return problems
+
+
+def _check_deadlines(conn: sqlite3.Connection) -> list[str]:
+    """The reconciliation deadlines match the state they count down for (gateway/core/reconcile.py)."""
+    out = []
+    vacating = (
+        "SELECT s.id FROM sessions s JOIN slots t ON t.id = s.slot"
+        " WHERE s.state = 'active' AND s.confirmed_timer IS NOT NULL AND t.sensor_state = 'vacant'"
+    )
+    for (subject,) in conn.execute(
+        f"SELECT subject FROM deadlines WHERE kind = ? AND subject NOT IN ({vacating}) ORDER BY subject", (VACATE,)
+    ):
+        out.append(f"session {subject}: a vacate countdown, but not a confirmed session on a vacant slot")
+    for (session,) in conn.execute(
+        f"SELECT id FROM ({vacating}) WHERE id NOT IN (SELECT subject FROM deadlines WHERE kind = ?) ORDER BY id",
+        (VACATE,),
+    ):
+        out.append(f"session {session}: its slot is vacant but no vacate countdown runs")
+    live = "SELECT sensor FROM slots WHERE sensor_state IN ('vacant', 'occupied')"
+    for (subject,) in conn.execute(
+        f"SELECT subject FROM deadlines WHERE kind = ? AND subject NOT IN ({live}) ORDER BY subject", (OFFLINE,)
+    ):
+        out.append(f"sensor {subject}: an offline countdown, but the sensor is not live")
+    for (sensor,) in conn.execute(
+        f"SELECT sensor FROM ({live}) WHERE sensor NOT IN (SELECT subject FROM deadlines WHERE kind = ?)"
+        " ORDER BY sensor",
+        (OFFLINE,),
+    ):
+        out.append(f"sensor {sensor}: live but no offline countdown runs")
+    for sid, slot in conn.execute(
+        "SELECT s.id, s.slot FROM sessions s JOIN slots t ON t.id = s.slot"
+        " WHERE s.state = 'active' AND s.seated_at IS NULL AND t.sensor_state = 'occupied' ORDER BY s.id"
+    ):
+        out.append(f"session {sid}: slot {slot} reports its car, but the session is not seated")
+    return out
 
 
 def _check_seq(conn: sqlite3.Connection) -> list[str]:

@@ -48,7 +48,7 @@ class ReadStore:
     async def availability(self, lot: str, zone: str | None = None, type_: str | None = None) -> dict[str, Any]:
         sql, args = availability.query(lot, zone, type_)
         async with self._conn.execute(sql, args) as cur:
-            rows = [(str(z), str(t), str(s), int(n)) for z, t, s, n in await cur.fetchall()]
+            rows = [(str(z), str(t), str(s), str(x), int(n)) for z, t, s, x, n in await cur.fetchall()]
         return availability.fold(lot, rows)
 
     async def slots(self) -> AsyncIterator[dict[str, Any]]:
@@ -68,6 +68,17 @@ class ReadStore:
         sql = "SELECT sensor, sensor_state = 'occupied' FROM slots WHERE sensor_state IN ('occupied', 'vacant')"
         async with self._conn.execute(sql) as cur:
             return [(str(sensor), bool(occupied)) for sensor, occupied in await cur.fetchall()]
+
+    async def battery_alerts(self) -> list[tuple[str, float]]:
+        """(sensor id, when last alerted on the Timeline) of every sensor whose battery is known low."""
+        sql = "SELECT sensor, battery_alerted FROM slots WHERE battery_alerted IS NOT NULL"
+        async with self._conn.execute(sql) as cur:
+            return [(str(sensor), float(at)) for sensor, at in await cur.fetchall()]
+
+    async def deadlines(self, kind: str) -> dict[str, float]:
+        """The stored deadlines of one kind: subject -> due."""
+        async with self._conn.execute("SELECT subject, due FROM deadlines WHERE kind = ?", (kind,)) as cur:
+            return {str(subject): float(due) for subject, due in await cur.fetchall()}
 
     async def sessions(self, lot: str | None, active: bool | None, limit: int = 1000) -> list[dict[str, Any]]:
         sql = (

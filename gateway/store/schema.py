@@ -149,6 +149,23 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO outbox_size (id, rows, bytes) SELECT 1, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox;
     CREATE INDEX outbox_slot_status ON outbox (json_extract(body, '$.slot'), seq) WHERE type = 'slot.status';
     """,
+    # 5: sensors and sessions (gateway/core/reconcile.py). confirmed_timer: when the session was confirmed, on the
+    # writer's Timeline (arrival_window is a duration: immune to wall steps); seated_at: when a sensor saw the car
+    # in its slot (NULL: on its way, or roaming without a slot); vacant_since: when its slot's vacancy began
+    # (Timeline); battery_alerted: Timeline time of the last low-battery alert (NULL: the battery is fine);
+    # seen_timer: when the sensor was last heard as far as the store knows (written with its offline deadline,
+    # never per heartbeat).
+    """
+    ALTER TABLE sessions ADD COLUMN confirmed_timer REAL;
+    ALTER TABLE sessions ADD COLUMN seated_at REAL;
+    ALTER TABLE sessions ADD COLUMN vacant_since REAL;
+    ALTER TABLE slots ADD COLUMN seen_timer REAL;
+    UPDATE sessions SET confirmed_timer = confirmed_at;
+    UPDATE sessions SET seated_at = confirmed_at
+        WHERE state = 'active' AND slot IN (SELECT id FROM slots WHERE sensor_state = 'occupied');
+    CREATE INDEX sessions_unseated ON sessions (lot, confirmed_timer) WHERE state = 'active' AND seated_at IS NULL;
+    ALTER TABLE slots ADD COLUMN battery_alerted REAL;
+    """,
 )
 
 Synchronous = Literal["FULL", "NORMAL"]

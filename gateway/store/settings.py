@@ -6,6 +6,7 @@ from fractions import Fraction
 
 from gateway.config import GatewayConfig, TariffConfig
 from gateway.core.plates import PlateError, normalise
+from gateway.core.reconcile import offline_pad, offline_slack
 from gateway.core.settings import GateInfo, OccupancyBand, Settings, Tariff, TariffPeriod
 
 
@@ -56,6 +57,11 @@ def settings_from_config(cfg: GatewayConfig) -> Settings:
         hold_ahead=cfg.timing.hold_ahead,
         no_show_after=cfg.timing.no_show_after,
         exit_unpaid=cfg.policy.exit_unpaid,
+        arrival_window=cfg.timing.arrival_window,
+        vacate_grace=cfg.timing.vacate_grace,
+        sensor_offline_after=cfg.timing.sensor_offline_after,
+        offline_pad=offline_pad(cfg.timing.sensor_seen_flush),
+        vacate_recheck=offline_slack(cfg.timing.sensor_seen_flush),
     )
 
 

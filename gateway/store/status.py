@@ -18,6 +18,30 @@ def status_document(conn: sqlite3.Connection, now: float | None = None) -> dict[
             str(state): int(n)
             for state, n in conn.execute("SELECT sensor_state, COUNT(*) FROM slots GROUP BY sensor_state")
         }
+        # The slots an operator should look at: a silent sensor, a low battery, a car without a session.
+        doc["sensors_offline"] = [
+            {"slot": r[0], "sensor": r[1]}
+            for r in conn.execute(
+                "SELECT id, sensor FROM slots WHERE sensor_state = 'offline' ORDER BY lot, fill_order"
+            )
+        ]
+        doc["battery_low"] = [
+            {"slot": r[0], "sensor": r[1]}
+            for r in conn.execute(
+                "SELECT id, sensor FROM slots WHERE battery_alerted IS NOT NULL ORDER BY lot, fill_order"
+            )
+        ]
+        doc["unregistered"] = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT id FROM slots t WHERE sensor_state = 'occupied'"
+                " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.slot = t.id AND s.state = 'active')"
+                " ORDER BY lot, fill_order"
+            )
+        ]
+        doc["sessions_roaming"] = int(
+            conn.execute("SELECT COUNT(*) FROM sessions WHERE state = 'active' AND slot IS NULL").fetchone()[0]
+        )
         doc["outbox"] = _outbox(conn, time.time() if now is None else now)
         doc["sessions_active"] = int(conn.execute("SELECT COUNT(*) FROM sessions WHERE state = 'active'").fetchone()[0])
         doc["rejections"] = [
@@ -66,9 +90,15 @@ def render_text(doc: dict[str, Any]) -> str:
         for title, group in (("zone", lot["zones"]), ("type", lot["types"])):
             for name, c in group.items():
                 lines.append(f"  {title} {name:<12} {c['available']:>6}/{c['total']:<6} available")
+        lines.append("  sensors: " + ", ".join(f"{k} {v}" for k, v in lot["sensors"].items()))
     sensors = ", ".join(f"{k} {v}" for k, v in sorted(doc["sensors"].items()))
     lines.append(f"sensors: {sensors}")
-    lines.append(f"active sessions: {doc['sessions_active']}")
+    for key, title in (("sensors_offline", "offline sensors"), ("battery_low", "low batteries")):
+        if doc[key]:
+            lines.append(f"{title}: " + ", ".join(f"{x['slot']} ({x['sensor']})" for x in doc[key][:20]))
+    if doc["unregistered"]:
+        lines.append("occupied without a session: " + ", ".join(doc["unregistered"][:20]))
+    lines.append(f"active sessions: {doc['sessions_active']} ({doc['sessions_roaming']} without a slot)")
     box = doc["outbox"]
     line = f"outbox: {box['backlog']} entries, {box['bytes']} bytes"
     if box["oldest_age_s"] is not None:

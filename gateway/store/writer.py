@@ -16,9 +16,10 @@ from typing import Any
 import structlog
 
 from gateway.config import GatewayConfig
-from gateway.core import allocation, exits, outbox, reservations, slots, timers, upkeep
+from gateway.core import allocation, exits, outbox, reconcile, reservations, slots, timers, upkeep
 from gateway.core.clock import SYSTEM_CLOCK, Clock, Timeline
 from gateway.core.domain import (
+    BatteryReport,
     Block,
     CancelReservation,
     Command,
@@ -32,10 +33,12 @@ from gateway.core.domain import (
     Pay,
     Ping,
     RaiseAlert,
+    Rearm,
     RecordRejections,
     Reply,
     Reserve,
     SensorChanges,
+    SensorsSeen,
     Unblock,
 )
 from gateway.core.events import Envelope
@@ -106,7 +109,10 @@ HANDLERS: dict[type[Command], Handler] = {
     Exit: exits.exit_,
     Block: slots.block,
     Unblock: slots.unblock,
-    SensorChanges: slots.sensor_changes,
+    SensorChanges: reconcile.sensor_changes,
+    SensorsSeen: reconcile.sensors_seen,
+    BatteryReport: reconcile.battery_report,
+    Rearm: reconcile.rearm,
     RecordRejections: upkeep.record_rejections,
     Housekeeping: upkeep.housekeeping,
     RaiseAlert: upkeep.raise_alert,
@@ -332,6 +338,9 @@ class Writer:
         sync_config(conn, lots, self._config.slot_specs())
         self._conn = conn
         self._next_seq = self._load_seq()
+        (reply,), _, _ = self._apply([Rearm()])
+        if not reply.ok:
+            raise RuntimeError(f"re-arming the deadlines failed: {reply.message}")
         self.next_due = timers.next_due(self._txn(conn))
 
     def _load_seq(self) -> int:

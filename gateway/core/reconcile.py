@@ -1,0 +1,302 @@
+"""Sensors and sessions (contract §6): sessions are the truth, sensors are evidence.
+
+Every rule here runs inside the writer's transaction, as the handler of a command or of a deadline, so a
+decision and its events commit together. Durations are on the writer's Timeline (`txn.timer_now`): a wall-clock
+step changes no outcome.
+
+- **Occupied** on a slot with a session: the car is in its slot (`seated_at`); a vacate countdown is cancelled.
+  On a free slot (no active session, blocked or not): the slot leaves availability, and the nearest unseated
+  session of the lot is re-seated there (`session.moved`, its old slot freed) — one confirmed less than
+  `arrival_window` ago, or one roaming without a slot; same zone first, then the oldest. Without one:
+  `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a car, where a
+  seated session whose own slot reports vacant comes first: the nearest-candidate rule can seat two cars'
+  sessions crosswise, and when one of them leaves this is where the other swaps back.
+- **Vacant** on a confirmed session's slot (and from `session.confirmed` while the slot's sensor says vacant):
+  a `session.vacate` deadline `vacate_grace` later. When it comes, and the sensor has been heard since the
+  vacancy began (its last word alone is no evidence for the whole grace: a sensor that died reporting vacant
+  must not release the car parked over it before it is known offline): `alert` `session.vacated`, the session
+  runs on without a slot (`session.moved` to null), the slot is available again. Otherwise it looks again
+  `vacate_recheck` later, until the sensor speaks or goes offline.
+- **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`). The ingress fires it
+  from memory, exactly; a `sensor.offline` deadline in the store, kept at most `offline_pad` past the memory's,
+  fires it after a crash. Offline cancels a vacate countdown (no evidence, so the session stands); the slot stays
+  allocatable, last (`alloc_rank`). A sensor heard again is back (`alert` `sensor.online`).
+- **Battery** below its threshold: `alert` `sensor.battery_low`, at most once per `BATTERY_REPEAT_S` per sensor,
+  again once it recovered (a reading of at least threshold + `BATTERY_HYSTERESIS`).
+
+Invariants (checked by `gateway/store/audit.py`): a `session.vacate` row exists exactly for the active,
+confirmed sessions with a slot whose sensor says vacant; a `sensor.offline` row exactly for the sensors that
+say vacant or occupied. Lanes that confirm a session later call `session_confirmed`; whatever ends or cancels
+a session calls `session_closed`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Literal
+
+from gateway.core import slots, timers
+from gateway.core.clock import iso_ms
+from gateway.core.domain import BatteryReport, Rearm, SensorChange, SensorChanges, SensorsSeen
+from gateway.core.events import SessionMoved
+from gateway.core.txn import Txn
+
+VACATE = "session.vacate"
+OFFLINE = "sensor.offline"
+BATTERY_REPEAT_S = 86400.0
+BATTERY_HYSTERESIS = 0.1
+LIVE_STATES = ("vacant", "occupied")
+
+
+def offline_pad(flush: float) -> float:
+    """How far past the memory's deadline a stored offline deadline is written."""
+    return 5 * flush
+
+
+def offline_slack(flush: float) -> float:
+    """A stored offline deadline is rewritten once the memory's comes within this of it."""
+    return 2 * flush
+
+
+def battery_verdict(
+    volts: float, threshold: float, *, low: bool, alerted_at: float | None, now: float
+) -> Literal["low", "ok"] | None:
+    """What a reading says beyond what is known: "low" (alert due), "ok" (recovered) or None (nothing new)."""
+    if volts < threshold:
+        if not low or alerted_at is None or now - alerted_at >= BATTERY_REPEAT_S:
+            return "low"
+        return None
+    if low and volts >= threshold + BATTERY_HYSTERESIS:
+        return "ok"
+    return None
+
+
+def _timer_at(txn: Txn, wall_at: float) -> float:
+    """A recorded wall time as Timeline time (they differ by a constant within one commit)."""
+    return txn.timer_now - max(0.0, txn.now - wall_at)
+
+
+def _offline_after(txn: Txn, slot: sqlite3.Row) -> float:
+    after = slot["offline_after"]
+    return float(after) if after is not None else txn.settings.sensor_offline_after
+
+
+def sensor_changes(txn: Txn, cmd: SensorChanges) -> dict[str, Any]:
+    changed = [slot for change in cmd.changes if (slot := _sensor_change(txn, change)) is not None]
+    return {"changed": changed}
+
+
+def _sensor_change(txn: Txn, cmd: SensorChange) -> str | None:
+    """Apply one transition; the slot id when it changed something, None for a no-op or an unknown sensor."""
+    slot = txn.conn.execute("SELECT * FROM slots WHERE sensor = ?", (cmd.sensor,)).fetchone()
+    if slot is None or slot["sensor_state"] == cmd.state:
+        return None
+    slot_id: str = slot["id"]
+    was = slot["sensor_state"]
+    txn.conn.execute("UPDATE slots SET sensor_state = ? WHERE id = ?", (cmd.state, slot_id))
+    session = txn.conn.execute(
+        "SELECT id, confirmed_timer, seated_at FROM sessions WHERE slot = ? AND state = 'active'", (slot_id,)
+    ).fetchone()
+    if cmd.state == "offline":
+        timers.cancel(txn, OFFLINE, cmd.sensor)
+        if session is not None:
+            timers.cancel(txn, VACATE, session["id"])
+        txn.alert(
+            "sensor.offline",
+            "warning",
+            {"slot": slot_id, "sensor": cmd.sensor},
+            f"no message from sensor {cmd.sensor} since {iso_ms(cmd.at)}",
+        )
+    else:
+        if was == "offline":
+            txn.alert("sensor.online", "info", {"slot": slot_id, "sensor": cmd.sensor}, "sensor reports again")
+        txn.conn.execute(
+            "UPDATE slots SET seen_timer = MAX(COALESCE(seen_timer, ?1), ?1) WHERE id = ?2",
+            (_timer_at(txn, cmd.at), slot_id),
+        )
+        if timers.due_at(txn, OFFLINE, cmd.sensor) is None:
+            # The ingress keeps the exact deadline in memory; this one only has to lie beyond it.
+            due = txn.timer_now + _offline_after(txn, slot) + txn.settings.offline_pad
+            timers.schedule(txn, OFFLINE, cmd.sensor, due)
+        if cmd.state == "occupied":
+            _occupied(txn, slot, session, cmd.at)
+        elif session is not None and session["confirmed_timer"] is not None:
+            _start_vacancy(txn, session["id"], _timer_at(txn, cmd.at))
+    slots.refresh(txn, slot_id, f"sensor.{cmd.state}", sensor_moved=True)
+    return slot_id
+
+
+def _occupied(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row | None, at: float, *, swap: bool = False) -> None:
+    slot_id: str = slot["id"]
+    if session is not None:
+        timers.cancel(txn, VACATE, session["id"])
+        if session["seated_at"] is None:
+            txn.conn.execute("UPDATE sessions SET seated_at = ? WHERE id = ?", (txn.now, session["id"]))
+        return
+    candidate = _crossed(txn, slot) if swap else None
+    if candidate is None:
+        candidate = txn.conn.execute(
+            "SELECT id, slot FROM sessions INDEXED BY sessions_unseated"
+            " WHERE lot = ? AND state = 'active' AND seated_at IS NULL AND (slot IS NULL OR confirmed_timer >= ?)"
+            " ORDER BY zone IS NOT ?, confirmed_timer, started_at, id LIMIT 1",
+            # On its way when the car was first seen here, not when the debounce let it count.
+            (slot["lot"], _timer_at(txn, at) - txn.settings.arrival_window, slot["zone"]),
+        ).fetchone()
+    if candidate is None:
+        txn.alert(
+            "slot.unregistered_occupancy",
+            "warning",
+            {"slot": slot_id},
+            f"slot {slot_id} reports a vehicle without a session since {iso_ms(at)}",
+        )
+        return
+    session_id, from_slot = candidate["id"], candidate["slot"]
+    txn.conn.execute(
+        "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL WHERE id = ?",
+        (slot_id, slot["zone"], txn.now, session_id),
+    )
+    timers.cancel(txn, VACATE, session_id)
+    txn.emit(SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=slot_id, reason="reseated"))
+    if from_slot is not None:
+        slots.refresh(txn, from_slot, "session.moved")
+
+
+def _start_vacancy(txn: Txn, session_id: str, since: float) -> None:
+    txn.conn.execute("UPDATE sessions SET vacant_since = ? WHERE id = ?", (since, session_id))
+    timers.schedule(txn, VACATE, session_id, since + txn.settings.vacate_grace)
+
+
+def _crossed(txn: Txn, slot: sqlite3.Row) -> sqlite3.Row | None:
+    """A seated session whose own slot reports vacant (its vacate countdown runs): its car is not where the store
+    has it. Found through the countdowns, a handful of rows; same zone first, the latest vacancy first."""
+    row: sqlite3.Row | None = txn.conn.execute(
+        "SELECT s.id, s.slot FROM deadlines d JOIN sessions s ON s.id = d.subject JOIN slots t ON t.id = s.slot"
+        " WHERE d.kind = ? AND s.lot = ? AND s.state = 'active' AND s.seated_at IS NOT NULL"
+        " ORDER BY t.zone IS NOT ?, s.vacant_since DESC, s.id LIMIT 1",
+        (VACATE, slot["lot"], slot["zone"]),
+    ).fetchone()
+    return row
+
+
+def session_confirmed(txn: Txn, session_id: str) -> None:
+    """The vehicle passed the gate: it is on its way for arrival_window; its slot's vacancy counts from now."""
+    txn.conn.execute("UPDATE sessions SET confirmed_timer = ? WHERE id = ?", (txn.timer_now, session_id))
+    row = txn.conn.execute(
+        "SELECT t.sensor_state FROM sessions s JOIN slots t ON t.id = s.slot WHERE s.id = ?", (session_id,)
+    ).fetchone()
+    if row is not None and row[0] == "vacant":
+        _start_vacancy(txn, session_id, txn.timer_now)
+
+
+def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
+    """The session ended or was cancelled (its slot already freed in the store): no vacate countdown any more.
+
+    When its slot still reports a car, that car is someone else's (sessions re-seated onto the wrong cars by
+    the nearest-candidate rule swap back here): it is handled as a car that just appeared there.
+    """
+    timers.cancel(txn, VACATE, session_id)
+    if slot_id is None:
+        return
+    slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
+    if slot is not None and slot["sensor_state"] == "occupied":
+        _occupied(txn, slot, None, txn.now, swap=True)
+
+
+@timers.on_due(VACATE)
+def _vacate(txn: Txn, session_id: str) -> None:
+    row = txn.conn.execute(
+        "SELECT s.slot, s.vacant_since, t.sensor_state, t.seen_timer FROM sessions s JOIN slots t ON t.id = s.slot"
+        " WHERE s.id = ? AND s.state = 'active'",
+        (session_id,),
+    ).fetchone()
+    if row is None or row["sensor_state"] != "vacant":
+        return
+    if row["seen_timer"] is None or (row["vacant_since"] is not None and row["seen_timer"] < row["vacant_since"]):
+        timers.schedule(txn, VACATE, session_id, txn.timer_now + txn.settings.vacate_recheck)
+        return
+    slot_id = row["slot"]
+    txn.alert(
+        "session.vacated",
+        "warning",
+        {"session": session_id, "slot": slot_id},
+        f"slot {slot_id} has been vacant for {txn.settings.vacate_grace:g} s with no exit; the session runs on"
+        " without a slot",
+    )
+    txn.conn.execute(
+        "UPDATE sessions SET slot = NULL, seated_at = NULL, vacant_since = NULL WHERE id = ?", (session_id,)
+    )
+    txn.emit(SessionMoved(session_id=session_id, from_slot=slot_id, to_slot=None, reason="vacated"))
+    slots.refresh(txn, slot_id, "session.moved")
+
+
+@timers.on_due(OFFLINE)
+def _offline(txn: Txn, sensor: str) -> None:
+    # Only after a restart: while the gateway runs, the ingress's memory fires first (the row lies beyond it).
+    _sensor_change(txn, SensorChange(sensor=sensor, state="offline", at=txn.now))
+
+
+def sensors_seen(txn: Txn, cmd: SensorsSeen) -> dict[str, Any]:
+    """Move stored offline deadlines (the ingress's periodic flush); a sensor not live in the store keeps none."""
+    moved = 0
+    for sensor, seen, due in cmd.deadlines:
+        row = txn.conn.execute("SELECT id, sensor_state FROM slots WHERE sensor = ?", (sensor,)).fetchone()
+        if row is not None and row[1] in LIVE_STATES:
+            timers.schedule(txn, OFFLINE, sensor, due)
+            txn.conn.execute(
+                "UPDATE slots SET seen_timer = MAX(COALESCE(seen_timer, ?1), ?1) WHERE id = ?2", (seen, row[0])
+            )
+            moved += 1
+    return {"moved": moved}
+
+
+def battery_report(txn: Txn, cmd: BatteryReport) -> dict[str, Any]:
+    row = txn.conn.execute("SELECT id, battery_alerted FROM slots WHERE sensor = ?", (cmd.sensor,)).fetchone()
+    if row is None:
+        return {"alerted": False}
+    alerted = row["battery_alerted"]
+    if not cmd.low:
+        if alerted is not None:
+            txn.conn.execute("UPDATE slots SET battery_alerted = NULL WHERE id = ?", (row["id"],))
+        return {"alerted": False}
+    if alerted is not None and txn.timer_now - alerted < BATTERY_REPEAT_S:
+        return {"alerted": False}
+    txn.conn.execute("UPDATE slots SET battery_alerted = ? WHERE id = ?", (txn.timer_now, row["id"]))
+    txn.alert(
+        "sensor.battery_low",
+        "warning",
+        {"slot": row["id"], "sensor": cmd.sensor},
+        f"sensor {cmd.sensor} reports {cmd.volts:.2f} V, below {cmd.threshold:.2f} V",
+    )
+    return {"alerted": True}
+
+
+def rearm(txn: Txn, _cmd: Rearm) -> dict[str, Any]:
+    """At start: make the deadline rows match the invariants (a store from an older release, a changed config)."""
+    conn = txn.conn
+    conn.execute(
+        "DELETE FROM deadlines WHERE kind = ? AND subject NOT IN"
+        " (SELECT sensor FROM slots WHERE sensor_state IN ('vacant', 'occupied'))",
+        (OFFLINE,),
+    )
+    conn.execute(
+        "INSERT INTO deadlines (kind, subject, due, wall)"
+        " SELECT ?, sensor, ? + COALESCE(offline_after, ?), 0 FROM slots t"
+        " WHERE sensor_state IN ('vacant', 'occupied')"
+        " AND NOT EXISTS (SELECT 1 FROM deadlines d WHERE d.kind = ? AND d.subject = t.sensor)",
+        (OFFLINE, txn.timer_now, txn.settings.sensor_offline_after, OFFLINE),
+    )
+    vacating = (
+        "SELECT s.id FROM sessions s JOIN slots t ON t.id = s.slot"
+        " WHERE s.state = 'active' AND s.confirmed_timer IS NOT NULL AND t.sensor_state = 'vacant'"
+    )
+    conn.execute(f"DELETE FROM deadlines WHERE kind = ? AND subject NOT IN ({vacating})", (VACATE,))
+    conn.execute(
+        f"UPDATE sessions SET vacant_since = ? WHERE vacant_since IS NULL AND id IN ({vacating})", (txn.timer_now,)
+    )
+    conn.execute(
+        f"INSERT INTO deadlines (kind, subject, due, wall) SELECT ?, id, ?, 0 FROM ({vacating}) v"
+        " WHERE NOT EXISTS (SELECT 1 FROM deadlines d WHERE d.kind = ? AND d.subject = v.id)",
+        (VACATE, txn.timer_now + txn.settings.vacate_grace, VACATE),
+    )
+    txn.deadlines_changed = True
+    return {}

@@ -1,0 +1,605 @@
+"""Sensors and sessions (contract §6), one scenario per rule: real MQTT sensor messages (JSON and TTS), a real
+broker and store, the gateway on a ManualClock so minutes of parking take milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.app import Gateway
+from gateway.config import GatewayConfig, parse_config
+from gateway.core.clock import ManualClock
+from gateway.core.reconcile import OFFLINE
+from gateway.store.audit import audit
+from gateway.store.status import status_document
+from tests.conftest import MosquittoProcess
+from tests.harness import Observer, R, observer, running
+from tests.helpers import reader
+
+TTS_APP = "parking@ttn"
+
+
+def reconcile_config(state_dir: Path, port: int, timing: str = "") -> GatewayConfig:
+    return parse_config(
+        f"""
+[gateway]
+id = "gw1"
+state_dir = "{state_dir}"
+[broker]
+embedded = false
+port = {port}
+[privacy]
+publish_plates = true
+[timing]
+debounce = 5
+arrival_window = 900
+vacate_grace = 600
+sensor_offline_after = 900
+sensor_seen_flush = 60
+{timing}
+[[lots]]
+id = "lot1"
+  [[lots.zones]]
+  id = "A"
+  slots = [{{ ids = "A-001..A-004" }}]
+  [[lots.zones]]
+  id = "B"
+  slots = [{{ ids = "B-001..B-002" }}, {{ ids = "T-001", offline_after = 3600, battery_low = 3.0 }}]
+[[gates]]
+id = "in1"
+lot = "lot1"
+direction = "entry"
+camera = "cam-in1"
+[[gates]]
+id = "out1"
+lot = "lot1"
+direction = "exit"
+camera = "cam-out1"
+"""
+    )
+
+
+@dataclass
+class Site:
+    gw: Gateway
+    obs: Observer
+    clock: ManualClock
+    seq: Counter[str] = field(default_factory=Counter)
+    reads: int = 0
+
+    def messages(self) -> int:
+        return sum(self.gw.ingress.verdicts.values())
+
+    async def sensor(self, slot: str, occupied: bool, *, battery: float | None = None) -> None:
+        """One report: TTS for the T-* slots (f_cnt), JSON for the others (seq); waits until the tracker took it."""
+        self.seq[slot] += 1
+        before = self.messages()
+        if slot.startswith("T-"):
+            decoded: dict[str, Any] = {"occupied": occupied}
+            if battery is not None:
+                decoded["battery"] = battery
+            payload = {
+                "end_device_ids": {"device_id": slot},
+                "uplink_message": {"f_cnt": self.seq[slot], "decoded_payload": decoded},
+            }
+            await self.obs.pub(f"v3/{TTS_APP}/devices/{slot}/up", payload)
+        else:
+            body: dict[str, Any] = {"occupied": occupied, "seq": self.seq[slot]}
+            if battery is not None:
+                body["battery"] = battery
+            await self.obs.pub(f"sensors/{slot}/state", body)
+        await self.obs.wait_for(lambda: self.messages() > before)
+
+    async def settle(self) -> None:
+        """Until the gateway is idle: nothing queued for the writer, no deadline due, the availability sent."""
+        quiet = 0
+        for _ in range(500):
+            if quiet >= 3:
+                return
+            await asyncio.sleep(0.02)
+            gw = self.gw
+            timer_due = gw.writer.next_due[0]
+            busy = (
+                gw.ingress._tasks
+                or gw.ingress._pending
+                or gw.writer.queue_depth
+                or (timer_due is not None and timer_due <= gw.writer.timeline.now())
+                or gw.publisher._dirty
+            )
+            quiet = 0 if busy else quiet + 1
+        raise AssertionError(
+            f"gateway not idle: tasks {len(gw.ingress._tasks)}, pending {len(gw.ingress._pending)},"
+            f" queue {gw.writer.queue_depth}, due {timer_due} vs {gw.writer.timeline.now()},"
+            f" dirty {gw.publisher._dirty}"
+        )
+
+    async def advance(self, seconds: float, step: float = 30.0) -> None:
+        """Move the clock in steps, letting the gateway work after each (as time passes for real)."""
+        while seconds > 0:
+            self.clock.advance(min(step, seconds))
+            seconds -= step
+            await self.settle()
+
+    async def enter(self, plate: str) -> dict[str, Any]:
+        self.reads += 1
+        await self.obs.pub("cameras/cam-in1/reads", {"event_id": f"r{self.reads}", "plate": plate})
+        started: dict[str, Any] = await self.obs.wait_for(
+            lambda: next((e for e in self.obs.events("session.started") if e["vehicle"] == plate), None)
+        )
+        await self.settle()
+        return started
+
+    async def exit(self, plate: str) -> None:
+        self.reads += 1
+        await self.obs.pub("cameras/cam-out1/reads", {"event_id": f"r{self.reads}", "plate": plate})
+        await self.obs.wait_for(lambda: any(e["vehicle"] == plate for e in self.obs.events("session.ended")))
+        await self.settle()
+
+    def alerts(self, code: str) -> list[dict[str, Any]]:
+        return [a for a in self.obs.events("alert") if a["code"] == code]
+
+    def moved(self) -> list[tuple[str | None, str | None, str]]:
+        return [(e["from_slot"], e["to_slot"], e["reason"]) for e in self.obs.events("session.moved")]
+
+    def slot(self, slot: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self.obs.state(f"{R}/slots/{slot}")
+        return doc
+
+    def availability(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self.obs.state(f"{R}/lots/lot1/availability")
+        return doc
+
+    async def published(self, check: Any) -> Any:
+        return await self.obs.wait_for(check, timeout=5)
+
+
+@contextlib.asynccontextmanager
+async def site(cfg: GatewayConfig, clock: ManualClock, port: int) -> AsyncIterator[Site]:
+    async with running(cfg, clock=clock) as gw, observer(port) as obs:
+        # No coalescing (that is tested on its own): each commit's availability goes out without the clock moving.
+        gw.publisher._every = 0.0
+        await obs.wait_for(lambda: obs.state(f"{R}/status") == "online")
+        s = Site(gw, obs, clock)
+        await s.settle()
+        yield s
+
+
+def check_store(cfg: GatewayConfig) -> None:
+    conn = reader(cfg)
+    try:
+        assert audit(conn) == []
+    finally:
+        conn.close()
+
+
+async def test_debounce_counts_a_state_only_once_it_held_json_and_tts(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    clock = ManualClock()
+    async with site(cfg, clock, mosquitto.port) as s:
+        for slot in ("A-004", "T-001"):
+            await s.sensor(slot, False)
+        await s.advance(5)
+        await s.published(lambda: len(s.obs.events("slot.status")) == 2)
+        s.obs.messages.clear()
+        for slot in ("A-004", "T-001"):
+            await s.sensor(slot, True)
+            await s.advance(3)
+            await s.sensor(slot, False)  # a flap shorter than the debounce never reaches the store
+            await s.advance(10)
+        assert s.obs.events("slot.status") == []
+        for slot in ("A-004", "T-001"):
+            await s.sensor(slot, True)
+        await s.advance(4.9, step=4.9)
+        assert s.obs.events("slot.status") == []
+        await s.advance(0.1)
+        statuses = await s.published(lambda: len(s.obs.events("slot.status")) == 2 and s.obs.events("slot.status"))
+        assert {(e["slot"], e["status"], e["sensor"]) for e in statuses} == {
+            ("A-004", "occupied", "occupied"),
+            ("T-001", "occupied", "occupied"),
+        }
+    check_store(cfg)
+
+
+async def test_unregistered_occupancy_takes_the_slot_out_and_alerts(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-002", True)
+        await s.advance(5)
+        alert = await s.published(lambda: s.alerts("slot.unregistered_occupancy"))
+        assert alert[0]["subject"] == {"slot": "A-002"} and alert[0]["severity"] == "warning"
+        await s.published(lambda: s.availability()["available"] == 6)
+        assert s.slot("A-002")["status"] == "occupied" and s.slot("A-002")["session"] is None
+        assert s.moved() == []
+        # Its car leaving gives the slot back.
+        await s.sensor("A-002", False)
+        await s.advance(5)
+        await s.published(lambda: s.availability()["available"] == 7)
+    check_store(cfg)
+
+
+async def test_a_session_on_its_way_is_reseated_where_the_car_parked(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        first = await s.enter("AAA111")
+        assert first["slot"] == "A-001"
+        await s.advance(60)
+        second = await s.enter("BBB222")
+        assert second["slot"] == "A-002"
+        # A car in zone B: neither session is of that zone, so the oldest one on its way is the one.
+        await s.sensor("B-002", True)
+        await s.advance(5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("A-001", "B-002", "reseated")]
+        assert s.obs.events("session.moved")[0]["session_id"] == first["session_id"]
+        await s.published(lambda: s.slot("B-002")["session"] == first["session_id"])
+        await s.published(lambda: s.slot("A-001")["status"] == "available" and s.slot("A-001")["session"] is None)
+        assert s.alerts("slot.unregistered_occupancy") == []
+        # Same zone first: a car in zone B belongs to the zone-B session rather than to the older zone-A one.
+        third = await s.obs.request("enter", {"vehicle": "CCC333", "lot": "lot1", "zone": "B"})
+        assert third["data"]["slot"] == "B-001"
+        await s.advance(60)
+        fourth = await s.enter("DDD444")
+        assert fourth["slot"] == "A-001"
+        s.obs.messages.clear()
+        await s.sensor("T-001", True)
+        await s.advance(5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("B-001", "T-001", "reseated")]
+        # Then the oldest: BBB222 before DDD444.
+        await s.sensor("A-003", True)
+        await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved()[1] == ("A-002", "A-003", "reseated")
+        # A session seen in its own slot is no longer on its way: a car in A-004 has no session.
+        await s.sensor("A-001", True)
+        await s.advance(5)
+        await s.sensor("A-004", True)
+        await s.advance(5)
+        await s.published(lambda: s.alerts("slot.unregistered_occupancy"))
+        assert len(s.moved()) == 2
+        await s.published(lambda: s.availability()["available"] == 2)  # A-002, B-001
+    check_store(cfg)
+
+
+async def test_sessions_seated_crosswise_swap_back_when_one_leaves(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        aaa = await s.enter("AAA111")  # A-001
+        await s.advance(60)
+        await s.enter("BBB222")  # A-002
+        await s.sensor("A-003", True)  # BBB222's car, but AAA111 is the oldest on its way
+        await s.advance(5)
+        await s.sensor("A-001", True)  # AAA111's car, in its own slot: BBB222 is re-seated there
+        await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved() == [("A-001", "A-003", "reseated"), ("A-002", "A-001", "reseated")]
+        # BBB222's car leaves A-003 and exits; A-001 still reports AAA111's car: AAA111 swaps back.
+        await s.sensor("A-003", False)
+        await s.advance(60)
+        await s.exit("BBB222")
+        await s.published(lambda: len(s.moved()) == 3)
+        assert s.moved()[2] == ("A-003", "A-001", "reseated")
+        assert s.obs.events("session.moved")[2]["session_id"] == aaa["session_id"]
+        await s.published(lambda: s.slot("A-001")["session"] == aaa["session_id"])
+        await s.published(lambda: s.slot("A-003")["status"] == "available")
+        assert s.alerts("slot.unregistered_occupancy") == [] and s.alerts("session.vacated") == []
+    check_store(cfg)
+
+
+async def test_arrival_window_counts_from_confirmation(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        # Slots without sensor evidence ('none'): no vacate countdown, the sessions stay on their way...
+        assert (await s.enter("AAA111"))["slot"] == "A-001"
+        await s.advance(100, step=100)
+        assert (await s.enter("BBB222"))["slot"] == "A-002"
+        await s.advance(799, step=799)
+        # ... for arrival_window after session.confirmed, judged when the car was first seen (899 s).
+        await s.sensor("A-004", True)
+        await s.advance(5, step=5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("A-001", "A-004", "reseated")]
+        await s.advance(97, step=97)  # 1,001 s after AAA111, 901 s after BBB222
+        await s.sensor("A-003", True)
+        await s.advance(5)
+        await s.published(lambda: s.alerts("slot.unregistered_occupancy"))
+        assert len(s.moved()) == 1
+    check_store(cfg)
+
+
+async def test_vacate_grace_releases_the_slot_and_the_session_runs_on(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+
+        async def hold(seconds: int, occupied: bool) -> None:
+            for _ in range(seconds // 300):  # heartbeats, so that the sensor does not go offline meanwhile
+                await s.advance(5, step=5)  # the debounce of the report before
+                await s.advance(295, step=295)
+                await s.sensor("A-001", occupied)
+
+        await s.sensor("A-001", False)
+        await s.advance(5)
+        started = await s.enter("AAA111")
+        assert started["slot"] == "A-001"
+        await s.sensor("A-001", True)
+        await s.advance(5)
+        await hold(3600, True)
+        # The car pulls out and comes back within the grace: nothing happens.
+        await s.sensor("A-001", False)
+        await hold(300, False)
+        await s.sensor("A-001", True)
+        await hold(900, True)
+        assert s.alerts("session.vacated") == [] and s.moved() == []
+        await s.sensor("A-001", False)
+        await s.advance(5, step=5)  # the vacancy counts from the first vacant report, not from the commit
+        await s.advance(594, step=594)
+        assert s.alerts("session.vacated") == []
+        await s.advance(1)
+        alert = await s.published(lambda: s.alerts("session.vacated"))
+        assert alert[0]["subject"] == {"session": started["session_id"], "slot": "A-001"}
+        assert s.moved() == [("A-001", None, "vacated")]
+        await s.published(lambda: s.slot("A-001")["status"] == "available" and s.slot("A-001")["session"] is None)
+        await s.published(lambda: s.availability()["available"] == 7)
+        # The session runs on without a slot: its exit still ends it, with slot null.
+        await s.exit("AAA111")
+        ended = s.obs.events("session.ended")[0]
+        assert ended["session_id"] == started["session_id"] and ended["slot"] is None
+        await s.advance(3600, step=600)
+        assert len(s.alerts("session.vacated")) == 1
+    check_store(cfg)
+
+
+async def test_a_sensor_silent_since_before_the_car_came_does_not_release_it(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", False)  # its last word: it dies now
+        await s.advance(5)
+        started = await s.enter("AAA111")
+        assert started["slot"] == "A-001"
+        await s.advance(880)  # the grace has run out, but the sensor has not been heard since the car came
+        assert s.alerts("session.vacated") == [] and s.moved() == []
+        await s.advance(30)
+        await s.published(lambda: s.alerts("sensor.offline"))  # offline at +900: the countdown is cancelled
+        await s.advance(3600, step=600)
+        assert s.alerts("session.vacated") == [] and s.moved() == []
+        assert s.slot("A-001")["session"] == started["session_id"] and s.slot("A-001")["status"] == "occupied"
+    check_store(cfg)
+
+
+async def test_sensor_offline_alerts_and_its_slot_is_allocated_last(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", False)
+        await s.sensor("A-002", False)
+        await s.sensor("T-001", False)
+        await s.advance(5)
+        conn = reader(cfg)
+        stored: set[float] = set()
+        for _ in range(14):  # A-002 heartbeats every minute; A-001 and T-001 stay silent
+            await s.advance(60)
+            await s.sensor("A-002", False)
+            await s.settle()
+            stored |= {d for (d,) in conn.execute("SELECT due FROM deadlines WHERE subject = 'A-002'")}
+        conn.close()
+        # Heartbeats never write: A-002's stored deadline moved only with the flush, once in 3 minutes at most.
+        assert 1 <= len(stored) <= 6
+        assert s.alerts("sensor.offline") == []
+        await s.advance(900 - 5 - 14 * 60 - 1, step=60)  # 1 s before A-001's deadline
+        assert s.alerts("sensor.offline") == []
+        await s.advance(1)
+        alert = await s.published(lambda: s.alerts("sensor.offline"))
+        assert [a["subject"] for a in alert] == [{"slot": "A-001", "sensor": "A-001"}]
+        await s.published(lambda: s.slot("A-001")["sensor"] == "offline")
+        doc = await s.published(lambda: s.availability()["sensors"]["offline"] == 1 and s.availability())
+        assert doc["sensors"] == {"vacant": 2, "occupied": 0, "offline": 1, "none": 4}
+        # The TTS group's own offline_after (3600 s) still runs for T-001.
+        for _ in range(9):
+            await s.advance(300, step=300)
+            await s.sensor("A-002", False)
+        await s.published(lambda: len(s.alerts("sensor.offline")) == 2)
+        assert s.alerts("sensor.offline")[1]["subject"]["sensor"] == "T-001"
+        # Allocation: healthy vacant first (A-002), then no sensor (A-003, A-004, B-001, B-002), offline last.
+        slots = [(await s.enter(f"CAR{i}"))["slot"] for i in range(7)]
+        assert slots == ["A-002", "A-003", "A-004", "B-001", "B-002", "A-001", "T-001"]
+        # A sensor heard again is back.
+        await s.sensor("A-001", True)
+        await s.advance(5)
+        back = await s.published(lambda: s.alerts("sensor.online"))
+        assert back[0]["subject"]["sensor"] == "A-001"
+        await s.published(lambda: s.slot("A-001")["sensor"] == "occupied")
+        assert len(s.alerts("sensor.offline")) == 2
+    check_store(cfg)
+
+
+async def test_low_battery_alerts_once_a_day_or_after_recovery(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", False, battery=3.6)
+        await s.sensor("A-001", False, battery=3.25)
+        await s.published(lambda: s.alerts("sensor.battery_low"))
+        for _ in range(5):
+            await s.advance(3600, step=3600)
+            await s.sensor("A-001", False, battery=3.2)
+        await s.sensor("A-001", False, battery=3.35)  # within the hysteresis: not recovered
+        await s.sensor("A-001", False, battery=3.2)
+        await s.settle()
+        assert len(s.alerts("sensor.battery_low")) == 1
+        await s.advance(86400 - 5 * 3600, step=3600)
+        await s.sensor("A-001", False, battery=3.2)  # a day later, still low
+        await s.published(lambda: len(s.alerts("sensor.battery_low")) == 2)
+        await s.sensor("A-001", False, battery=3.6)  # new battery
+        await s.sensor("A-001", False, battery=3.1)
+        await s.published(lambda: len(s.alerts("sensor.battery_low")) == 3)
+        # The TTS group's own threshold (3.0 V).
+        await s.sensor("T-001", False, battery=3.1)
+        await s.sensor("T-001", False, battery=2.9)
+        low = await s.published(lambda: len(s.alerts("sensor.battery_low")) == 4 and s.alerts("sensor.battery_low"))
+        assert [a["subject"]["sensor"] for a in low] == ["A-001", "A-001", "A-001", "T-001"]
+        assert "2.90 V" in low[3]["message"]
+    conn = reader(cfg)
+    doc = status_document(conn)
+    conn.close()
+    assert [x["sensor"] for x in doc["battery_low"]] == ["A-001", "T-001"]
+
+
+async def test_block_on_an_occupied_slot_applies_once_it_is_free(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        started = await s.enter("AAA111")
+        await s.sensor("A-001", True)  # seated
+        await s.sensor("A-002", True)  # a car without a session
+        await s.advance(5)
+        await s.published(lambda: s.alerts("slot.unregistered_occupancy"))
+        for slot in (started["slot"], "A-002"):
+            reply = await s.obs.request("block", {"slot": slot, "reason": "paint"})
+            assert reply["status"] == "ok"
+        await s.settle()
+        assert s.slot("A-001")["status"] == "occupied" and s.slot("A-002")["status"] == "occupied"
+        await s.exit("AAA111")
+        assert s.slot("A-001")["status"] == "occupied"  # the car is still there
+        for slot in ("A-001", "A-002"):
+            await s.sensor(slot, False)
+        await s.advance(5)
+        await s.published(lambda: s.slot("A-001")["status"] == "blocked" and s.slot("A-002")["status"] == "blocked")
+        doc = await s.published(lambda: s.availability()["blocked"] == 2 and s.availability())
+        assert doc["available"] == 5
+        # Blocked slots are never allocated, vacant sensor or not.
+        assert (await s.enter("BBB222"))["slot"] == "A-003"
+    check_store(cfg)
+
+
+async def test_sensor_counts_agree_in_the_document_the_request_and_status(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", True)
+        await s.sensor("A-002", False)
+        await s.sensor("T-001", False)
+        await s.advance(5)
+        await s.advance(900, step=300)  # A-001 and A-002 go silent; T-001 has an hour
+        await s.published(lambda: s.availability()["sensors"]["offline"] == 2)
+        published = s.availability()
+        reply = await s.obs.request("availability", {"lot": "lot1"})
+        conn = reader(cfg)
+        status = status_document(conn)
+        conn.close()
+        for doc in (reply["data"], status["lots"][0]):
+            assert {k: v for k, v in doc.items() if k != "ts"} == {k: v for k, v in published.items() if k != "ts"}
+        assert published["sensors"] == {"vacant": 1, "occupied": 0, "offline": 2, "none": 4}
+        # A-001's car without a session: once offline, only sessions count (sessions are the truth).
+        assert published["available"] == 7
+        assert [x["slot"] for x in status["sensors_offline"]] == ["A-001", "A-002"]
+
+
+async def _timer_scenario(tmp_path: Path, port: int, jumps: list[float]) -> list[tuple[str, str]]:
+    """Debounce, vacate grace, re-seating, arrival window, offline and the battery day, with wall steps between."""
+    cfg = reconcile_config(tmp_path / "state", port)
+    clock = ManualClock()
+    steps = iter(jumps * 50)
+    async with site(cfg, clock, port) as s:
+
+        async def wait(seconds: float, step: float = 300) -> None:
+            clock.jump(next(steps))
+            await s.advance(seconds, step=step)
+
+        await s.sensor("A-001", False)
+        await s.sensor("A-004", False)
+        await s.sensor("T-001", True, battery=2.9)  # low battery; and a car without a session
+        await wait(5)
+        await s.enter("AAA111")  # A-001, vacant: its vacate grace counts from now (+5)
+        await wait(1)
+        await s.enter("BBB222")  # A-004, vacate due at +606
+        await wait(1)
+        await s.enter("CCC333")  # A-002, no sensor: on its way until +907
+        await wait(293)
+        await s.sensor("A-004", False)  # +300: A-004 is alive (a silent one would not release BBB222)
+        await wait(7)
+        await s.sensor("A-003", True)  # +307: AAA111, the oldest, is re-seated there
+        await wait(5)
+        await wait(294)  # +606: BBB222 never showed up in A-004
+        await s.sensor("B-001", True)  # BBB222 has no slot: re-seated
+        await wait(5)
+        await wait(289)  # +900: A-001 and A-004 silent since +0
+        await s.sensor("T-001", True, battery=2.9)  # still low: no second alert within the day
+        await wait(10)
+        await s.sensor("B-002", True)  # +910: CCC333's arrival window has ended
+        await wait(5)
+        await wait(86400, step=3600)
+        await s.sensor("T-001", True, battery=2.9)  # a day later: alert again
+        await wait(10)
+        events = s.obs.events()
+    out = []
+    for e in events:
+        fields = {k: e.get(k) for k in ("code", "subject", "slot", "from_slot", "to_slot", "sensor", "status")}
+        if fields["subject"] is not None:
+            fields["subject"] = {k: v for k, v in fields["subject"].items() if k != "session"}  # a uuid
+        out.append((e["type"], json.dumps(fields)))
+    return out
+
+
+async def test_wall_clock_steps_of_two_hours_change_no_timer_outcome(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    plain = await _timer_scenario(tmp_path / "plain", mosquitto.port, [0.0])
+    stepped = await _timer_scenario(tmp_path / "stepped", mosquitto.port, [7200.0, -7200.0, -7200.0, 7200.0])
+    assert stepped == plain
+    moved = [json.loads(f) for t, f in plain if t == "session.moved"]
+    assert [(m["from_slot"], m["to_slot"]) for m in moved] == [("A-001", "A-003"), ("A-004", None), (None, "B-001")]
+    alerts = [json.loads(f)["code"] for t, f in plain if t == "alert"]
+    assert alerts.count("sensor.battery_low") == 2 and alerts.count("session.vacated") == 1
+    # T-001 at the start, B-002 after CCC333's window, T-001 again when its sensor is back from offline.
+    assert alerts.count("slot.unregistered_occupancy") == 3
+    assert alerts.count("sensor.offline") >= 2
+
+
+async def test_a_restart_keeps_vacate_and_offline_countdowns(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    clock = ManualClock()
+    async with site(cfg, clock, mosquitto.port) as s:
+        await s.sensor("A-001", False)
+        await s.sensor("A-002", False)
+        await s.advance(5)
+        await s.enter("AAA111")  # A-001: vacate grace due at +600
+        for i in range(5):
+            await s.advance(60)
+            await s.sensor("A-002", False)  # A-002's last report at +300: offline due at +1200
+            if i < 3:
+                await s.sensor("A-001", False)  # A-001's last at +180: offline due at +1080
+        await s.advance(100)  # +400
+    conn = reader(cfg)
+    stored = dict(conn.execute("SELECT subject, due FROM deadlines WHERE kind = ?", (OFFLINE,)).fetchall())
+    conn.close()
+    async with site(cfg, clock, mosquitto.port) as s:
+        await s.advance(199, step=199)  # +599
+        assert s.alerts("session.vacated") == []
+        await s.advance(1)
+        await s.published(lambda: s.alerts("session.vacated"))
+        await s.advance(1200 - 600 - 1, step=100)  # +1199
+        # A-001 went offline at +1080; A-002 is due at +1200 exactly.
+        assert [a["subject"]["sensor"] for a in s.alerts("sensor.offline")] == ["A-001"]
+        await s.advance(1)
+        await s.published(lambda: len(s.alerts("sensor.offline")) == 2)
+        await s.advance(3600, step=600)
+        assert [a["subject"]["sensor"] for a in s.alerts("sensor.offline")] == ["A-001", "A-002"]
+        assert len(s.alerts("session.vacated")) == 1
+    assert stored["A-002"] - stored["A-001"] == 120.0
+    check_store(cfg)
