@@ -127,6 +127,8 @@ class Forwarder:
 
     def on_commit(self, done: Committed) -> None:
         """Writer listener (in the loop, after COMMIT): there is more to send."""
+        if not done.events:
+            return  # a commit that only moved deadlines (sensor offline deadlines, for one) sent nothing
         last = done.events[-1].seq
         if last > self._committed:
             self._committed = last
