@@ -1,0 +1,585 @@
+"""Availability accuracy: a simulated day of a 500-slot lot against the simulator's ground truth.
+
+Run: `.venv/bin/python -m bench.accuracy` (a whole day; see bench/README.md, section Accuracy), `--hours 1` for a
+smoke check.
+
+The gateway runs in this process on a ManualClock, with its real services, a real store on disk and a real
+Mosquitto subprocess; the simulator speaks the wire (JSON sensors, TTS uplinks, camera reads) and reads what the
+gateway publishes (R/lots/<lot>/availability, R/slots/<slot>, R/events) through its own MQTT client. The bench
+drives the clock: each step (0.5 s of simulated time) it publishes what happens in that step, waits until the
+gateway has taken every message, committed everything it owes and published the result (and the subscriber has
+received it), then moves the clock on. So the gateway's timers (debounce, coalescing, vacate grace, offline) run
+on simulated time exactly, and real processing time (milliseconds here) counts as zero: the measure is of the
+gateway's decisions, not of its CPU (bench/ingest.py measures that).
+
+Ground truth is what a perfect observer would publish under the contract's rules: a slot is taken while a car
+stands in it or while a car that entered holds it (its assigned slot until it parks, then the slot it parked in,
+until it has left through the exit; contract §6: sessions are the truth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import heapq
+import json
+import math
+import os
+import platform
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from bench.ingest import NODELAY, Mosquitto, wait_for_port
+from gateway.app import Gateway
+from gateway.config import GatewayConfig, parse_config
+from gateway.core.clock import ManualClock
+
+R = "parking/gw1"
+ZONES = 5
+TTS_APP = "parking@ttn"
+JSON_HEARTBEAT_S = 60.0
+TTS_HEARTBEAT_S = 600.0
+TTS_OFFLINE_AFTER_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Options:
+    hours: float = 24.0
+    slots: int = 500
+    step: float = 0.5
+    seed: int = 1
+    mispark: float = 0.10
+    flapping: float = 0.02
+    offline: float = 0.01
+    duplicate: float = 0.02
+    reorder: float = 0.02
+    visits: int = 2000  # arrivals per simulated day
+    json_path: str | None = None
+    debug: bool = False
+
+
+def site_config(state_dir: Path, port: int, slots: int) -> GatewayConfig:
+    per_zone = slots // ZONES
+    zones = []
+    for z in range(1, ZONES + 1):
+        group = f'{{ ids = "Z{z}-001..Z{z}-{per_zone:03d}"'
+        # The last zone's sensors are LoRaWAN (The Things Stack), with a rarer heartbeat.
+        group += f", offline_after = {TTS_OFFLINE_AFTER_S:g} }}" if z == ZONES else " }"
+        zones.append(f'  [[lots.zones]]\n  id = "Z{z}"\n  slots = [{group}]\n')
+    return parse_config(
+        f"""
+[gateway]
+id = "gw1"
+state_dir = "{state_dir}"
+[broker]
+embedded = false
+port = {port}
+[privacy]
+publish_plates = true
+[[lots]]
+id = "lot1"
+{"".join(zones)}
+[[gates]]
+id = "in1"
+lot = "lot1"
+direction = "entry"
+camera = "cam-in1"
+[[gates]]
+id = "out1"
+lot = "lot1"
+direction = "exit"
+camera = "cam-out1"
+"""
+    )
+
+
+@dataclass
+class Car:
+    plate: str
+    dwell: float
+    assigned: str | None = None
+    slot: str | None = None  # where it stands or last stood
+
+
+@dataclass
+class Sensor:
+    slot: str
+    tts: bool
+    seq: int = 0
+    dead: bool = False
+    flapping: bool = False
+
+
+@dataclass
+class Observed:
+    """What the bench's subscriber has received."""
+
+    availability: dict[str, Any] | None = None
+    slots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: int = 0
+    started: list[dict[str, Any]] = field(default_factory=list)
+    denied: list[dict[str, Any]] = field(default_factory=list)
+    kinds: Counter[str] = field(default_factory=Counter)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def demand(t: float) -> float:
+    """Relative arrival rate over the day: quiet at night, a morning peak, a busy day, an evening bump."""
+    h = (t / 3600.0) % 24
+    return (
+        0.15
+        + 1.6 * math.exp(-(((h - 8.5) / 1.5) ** 2))
+        + 0.9 * math.exp(-(((h - 13) / 3) ** 2))
+        + (0.7 * math.exp(-(((h - 18.5) / 1.5) ** 2)))
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Day:
+    def __init__(self, opts: Options, gw: Gateway, client: aiomqtt.Client, clock: ManualClock) -> None:
+        self.opts = opts
+        self.gw = gw
+        self.client = client
+        self.clock = clock
+        self.rng = random.Random(opts.seed)
+        per_zone = opts.slots // ZONES
+        self.slot_ids = [f"Z{z}-{i:03d}" for z in range(1, ZONES + 1) for i in range(1, per_zone + 1)]
+        self.zone_of = {s: s.split("-")[0] for s in self.slot_ids}
+        self.sensors = {s: Sensor(s, self.zone_of[s] == f"Z{ZONES}") for s in self.slot_ids}
+        self.physical: dict[str, Car | None] = dict.fromkeys(self.slot_ids)
+        self.owner: dict[str, Car | None] = dict.fromkeys(self.slot_ids)
+        self.cars: dict[str, Car] = {}
+        self.queue: list[tuple[float, int, Callable[[], None]]] = []
+        self.order = 0
+        self.outbox: list[tuple[str, bytes]] = []
+        self.sent = 0
+        self.reads = 0
+        self.now = 0.0
+        self.observed = Observed()
+        self.counts: Counter[str] = Counter()
+        # results
+        self.samples = 0
+        self.exact = 0
+        self.exact_lot = 0
+        self.slot_samples = 0
+        self.slot_exact = 0
+        self.pending_changes: list[float] = []
+        self.converged: list[float] = []
+        self.last_truth: tuple[int, ...] | None = None
+        self.worst: list[tuple[float, float]] = []
+        self.debug = opts.debug
+        self.dumped = False
+
+    # --- the simulated world -----------------------------------------------------------------------------
+
+    def at(self, t: float, action: Callable[[], None]) -> None:
+        self.order += 1
+        heapq.heappush(self.queue, (t, self.order, action))
+
+    def setup(self) -> None:
+        rng = self.rng
+        for sensor in self.sensors.values():
+            every = TTS_HEARTBEAT_S if sensor.tts else JSON_HEARTBEAT_S
+            self.at(rng.uniform(0, every), functools.partial(self._heartbeat, sensor, every))
+        chosen = rng.sample(self.slot_ids, round(len(self.slot_ids) * (self.opts.flapping + self.opts.offline)))
+        n_flap = round(len(self.slot_ids) * self.opts.flapping)
+        for slot in chosen[:n_flap]:
+            self.sensors[slot].flapping = True
+            self.at(rng.expovariate(1 / 300), functools.partial(self._glitch, self.sensors[slot]))
+        for slot in chosen[n_flap:]:
+            self.at(rng.uniform(3600, 20 * 3600), functools.partial(self._die, self.sensors[slot]))
+        self.at(self._next_arrival(0.0), self._arrive)
+
+    def _next_arrival(self, t: float) -> float:
+        # Thinning of a Poisson process whose rate follows demand(); the mean rate gives `visits` a day.
+        profile = [demand(m * 60.0) for m in range(1440)]
+        most = max(profile)
+        peak = self.opts.visits / 86400.0 / statistics.fmean(profile) * most
+        while True:
+            t += self.rng.expovariate(peak)
+            if self.rng.random() < demand(t) / most:
+                return t
+
+    def _report(self, sensor: Sensor, occupied: bool) -> None:
+        """One sensor message on the wire; sometimes twice, sometimes late (overtaken by the next)."""
+        if sensor.dead:
+            return
+        sensor.seq += 1
+        if sensor.tts:
+            body: dict[str, Any] = {
+                "end_device_ids": {"device_id": sensor.slot},
+                "uplink_message": {"f_cnt": sensor.seq, "decoded_payload": {"occupied": occupied, "battery": 3.6}},
+            }
+            topic = f"v3/{TTS_APP}/devices/{sensor.slot}/up"
+        else:
+            body = {"occupied": occupied, "seq": sensor.seq, "battery": 3.6}
+            topic = f"sensors/{sensor.slot}/state"
+        payload = json.dumps(body).encode()
+        roll = self.rng.random()
+        if roll < self.opts.reorder:
+            self.counts["reordered"] += 1
+            self.at(self.now + self.rng.uniform(1.0, 3.0), lambda: self.outbox.append((topic, payload)))
+            return
+        self.outbox.append((topic, payload))
+        if roll < self.opts.reorder + self.opts.duplicate:
+            self.counts["duplicated"] += 1
+            self.at(self.now + self.rng.uniform(0.0, 1.0), lambda: self.outbox.append((topic, payload)))
+
+    def _heartbeat(self, sensor: Sensor, every: float) -> None:
+        self._report(sensor, self.physical[sensor.slot] is not None)
+        self.at(self.now + every, lambda: self._heartbeat(sensor, every))
+
+    def _glitch(self, sensor: Sensor) -> None:
+        """A flapping sensor: a wrong reading, shorter than the debounce, then the right one again."""
+        self.counts["glitches"] += 1
+        self._report(sensor, self.physical[sensor.slot] is None)
+        self.at(
+            self.now + self.rng.uniform(0.3, 3.0), lambda: self._report(sensor, self.physical[sensor.slot] is not None)
+        )
+        self.at(self.now + self.rng.expovariate(1 / 300), lambda: self._glitch(sensor))
+
+    def _die(self, sensor: Sensor) -> None:
+        self.counts["sensors_died"] += 1
+        sensor.dead = True
+
+    def _arrive(self) -> None:
+        self.reads += 1
+        car = Car(
+            f"C{self.reads:05d}", dwell=min(10 * 3600.0, max(600.0, self.rng.lognormvariate(math.log(5400), 0.7)))
+        )
+        self.cars[car.plate] = car
+        self.outbox.append(
+            ("cameras/cam-in1/reads", json.dumps({"event_id": f"in{self.reads}", "plate": car.plate}).encode())
+        )
+        self.counts["arrivals"] += 1
+        self.at(self._next_arrival(self.now), self._arrive)
+
+    def _entered(self, plate: str, slot: str) -> None:
+        """The gateway assigned a slot (session.started): the car holds it and drives there."""
+        car = self.cars[plate]
+        car.assigned = slot
+        self.owner[slot] = car
+        self.at(self.now + self.rng.uniform(20, 120), lambda: self._park(car))
+
+    def _free_slots(self) -> list[str]:
+        return [s for s in self.slot_ids if self.physical[s] is None and self.owner[s] is None]
+
+    def _park(self, car: Car) -> None:
+        assert car.assigned is not None
+        target = car.assigned
+        if self.rng.random() < self.opts.mispark or self.physical[target] is not None:
+            free = self._free_slots()
+            same = [s for s in free if self.zone_of[s] == self.zone_of[target]]
+            pool = same if same and self.rng.random() < 0.7 else free
+            if pool:
+                target = self.rng.choice(pool)
+                self.counts["misparked"] += 1
+            elif self.physical[target] is not None:
+                target = next((s for s in self.slot_ids if self.physical[s] is None), target)
+        if self.physical[target] is not None:
+            self.counts["gave_up"] += 1
+            self.owner[car.assigned] = None if self.owner[car.assigned] is car else self.owner[car.assigned]
+            self.at(self.now + 30, lambda: self._exit(car))
+            return
+        if self.owner[car.assigned] is car:
+            self.owner[car.assigned] = None
+        self.owner[target] = car
+        self.physical[target] = car
+        car.slot = target
+        self._report(self.sensors[target], True)
+        self.at(self.now + car.dwell, lambda: self._leave(car))
+
+    def _leave(self, car: Car) -> None:
+        assert car.slot is not None
+        self.physical[car.slot] = None
+        self._report(self.sensors[car.slot], False)
+        self.at(self.now + self.rng.uniform(20, 90), lambda: self._exit(car))
+
+    def _exit(self, car: Car) -> None:
+        self.reads += 1
+        self.outbox.append(
+            ("cameras/cam-out1/reads", json.dumps({"event_id": f"out{self.reads}", "plate": car.plate}).encode())
+        )
+        for slot in (car.slot, car.assigned):
+            if slot is not None and self.owner[slot] is car:
+                self.owner[slot] = None
+
+    def truth(self) -> tuple[int, ...]:
+        """(lot available, lot occupied, then available and occupied per zone)."""
+        taken = Counter(
+            self.zone_of[s] for s in self.slot_ids if self.physical[s] is not None or self.owner[s] is not None
+        )
+        per_zone = len(self.slot_ids) // ZONES
+        out = [len(self.slot_ids) - sum(taken.values()), sum(taken.values())]
+        for z in range(1, ZONES + 1):
+            out += [per_zone - taken[f"Z{z}"], taken[f"Z{z}"]]
+        return tuple(out)
+
+    def published(self) -> tuple[int, ...] | None:
+        doc = self.observed.availability
+        if doc is None:
+            return None
+        out = [doc["available"], doc["occupied"]]
+        for z in range(1, ZONES + 1):
+            zone = doc["zones"][f"Z{z}"]
+            out += [zone["available"], zone["occupied"]]
+        return tuple(out)
+
+    # --- the wire and the gateway ------------------------------------------------------------------------
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        obs = self.observed
+        if topic == f"{R}/lots/lot1/availability":
+            obs.availability = json.loads(payload)
+            obs.ready.set()
+        elif topic.startswith(f"{R}/slots/"):
+            obs.slots[topic.rsplit("/", 1)[1]] = json.loads(payload)
+        elif topic == f"{R}/events":
+            obs.events += 1
+            event = json.loads(payload)
+            obs.kinds[event["type"] if event["type"] != "alert" else f"alert {event['code']}"] += 1
+            if event["type"] == "session.started":
+                obs.started.append(event)
+            elif event["type"] == "entry.denied":
+                obs.denied.append(event)
+
+    def handled(self) -> int:
+        ing = self.gw.ingress
+        return sum(ing.verdicts.values()) + ing.accepted["camera"] + sum(ing.rejected.values())
+
+    def idle(self) -> bool:
+        gw = self.gw
+        due = gw.writer.next_due[0]
+        return not (
+            gw.ingress._tasks
+            or gw.ingress._pending
+            or gw.writer.queue_depth
+            or (due is not None and due <= gw.writer.timeline.now())
+            or self.observed.events < gw.publisher.events_published
+            or self.observed.availability != gw.publisher.availability_docs.get("lot1")
+        )
+
+    async def sync(self) -> None:
+        """Until the gateway has taken every message, committed what it owes and its publications arrived."""
+        deadline = time.monotonic() + 30
+        while self.handled() < self.sent:
+            await asyncio.sleep(0.0002)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway took {self.handled()} of {self.sent} messages")
+        stable = 0
+        while stable < 3:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if self.idle():
+                stable += 1
+            else:
+                stable = 0
+                await asyncio.sleep(0.0005)
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the gateway did not settle")
+
+    async def flush(self) -> None:
+        out, self.outbox = self.outbox, []
+        if out:
+            self.sent += len(out)
+            await asyncio.gather(*(self.client.publish(t, p, qos=1) for t, p in out))
+
+    async def run(self) -> None:
+        self.setup()
+        end = self.opts.hours * 3600.0
+        step = self.opts.step
+        started = time.monotonic()
+        next_progress = 3600.0
+        while self.now < end:
+            self.now += step
+            self.clock.advance(step)
+            while self.queue and self.queue[0][0] <= self.now:
+                _, _, action = heapq.heappop(self.queue)
+                action()
+            await self.flush()
+            await self.sync()
+            # Entries decided in this step: the assigned slots are held from now; their cars drive off.
+            while self.observed.started:
+                event = self.observed.started.pop(0)
+                self._entered(event["vehicle"], event["slot"])
+            while self.observed.denied:
+                self.observed.denied.pop(0)
+                self.counts["denied"] += 1
+            self.measure()
+            if self.now >= next_progress:
+                print(
+                    f"  {self.now / 3600:5.1f} h simulated, {time.monotonic() - started:6.0f} s real,"
+                    f" exact {self.exact / max(1, self.samples):.4%}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                next_progress += 3600.0
+
+    def measure(self) -> None:
+        truth = self.truth()
+        seen = self.published()
+        if truth != self.last_truth:
+            self.pending_changes.append(self.now)
+            self.last_truth = truth
+        if seen == truth:
+            for t in self.pending_changes:
+                self.converged.append(self.now - t)
+                if self.now - t > 7:
+                    self.worst.append((t, self.now - t))
+            self.pending_changes.clear()
+        if self.debug and self.pending_changes and self.now - self.pending_changes[0] > 400 and not self.dumped:
+            self.dumped = True
+            print(f"t={self.now:.1f} truth={truth} published={seen}", file=sys.stderr)
+            for slot in self.slot_ids:
+                doc = self.observed.slots.get(slot, {})
+                taken = self.physical[slot] is not None or self.owner[slot] is not None
+                if (doc.get("status") == "occupied") != taken:
+                    phys, own = self.physical[slot], self.owner[slot]
+                    conn = sqlite3.connect(f"file:{self.gw.db}?mode=ro", uri=True)
+                    print(
+                        "   store:",
+                        conn.execute("SELECT * FROM slots WHERE id = ?", (slot,)).fetchall(),
+                        file=sys.stderr,
+                    )
+                    for row in conn.execute(
+                        "SELECT * FROM sessions WHERE slot = ? OR id = ?", (slot, doc.get("session"))
+                    ):
+                        print("   session:", row, file=sys.stderr)
+                        print(
+                            "   deadline:",
+                            conn.execute("SELECT * FROM deadlines WHERE subject = ?", (row[0],)).fetchall(),
+                            file=sys.stderr,
+                        )
+                    conn.close()
+                    print(
+                        f"  {slot}: published {doc}, physical {phys and phys.plate}, owner {own and own.plate}"
+                        f" (assigned {own and own.assigned}), sensor dead={self.sensors[slot].dead}",
+                        file=sys.stderr,
+                    )
+        if self.now % 1.0 == 0:
+            self.samples += 1
+            self.exact += seen == truth
+            self.exact_lot += seen is not None and seen[:2] == truth[:2]
+        if self.now % 10.0 == 0:
+            for slot in self.slot_ids:
+                state = self.observed.slots.get(slot)
+                taken = self.physical[slot] is not None or self.owner[slot] is not None
+                self.slot_samples += 1
+                self.slot_exact += state is not None and (state["status"] == "occupied") == taken
+
+
+async def simulate(opts: Options, root: Path) -> dict[str, Any]:
+    broker = Mosquitto(root)
+    try:
+        await wait_for_port(broker.port)
+        cfg = site_config(root / "state", broker.port, opts.slots)
+        clock = ManualClock()
+        gw = Gateway(cfg, clock=clock)
+        task = asyncio.create_task(gw.run())
+        await gw.wait_ready()
+        client = aiomqtt.Client("127.0.0.1", broker.port, identifier="bench-sim", socket_options=(NODELAY,))
+        client.pending_calls_threshold = 100_000
+        async with client:
+            await client.subscribe(f"{R}/#", qos=1)
+            day = Day(opts, gw, client, clock)
+
+            async def pump() -> None:
+                async for m in client.messages:
+                    payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+                    day.on_message(m.topic.value, payload)
+
+            pumping = asyncio.create_task(pump())
+            await asyncio.wait_for(day.observed.ready.wait(), 30)
+            wall_start = time.monotonic()
+            try:
+                await day.run()
+            finally:
+                real = time.monotonic() - wall_start
+                pumping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pumping
+        gw.stop()
+        await asyncio.wait_for(task, 30)
+    finally:
+        broker.stop()
+    conv = day.converged
+    return {
+        "simulated_h": opts.hours,
+        "real_s": round(real, 1),
+        "samples": day.samples,
+        "exact": day.exact / max(1, day.samples),
+        "exact_lot_counts": day.exact_lot / max(1, day.samples),
+        "slot_status_exact": day.slot_exact / max(1, day.slot_samples),
+        "changes": len(conv),
+        "unconverged_at_end": len(day.pending_changes),
+        "converge_p50_s": percentile(conv, 0.50),
+        "converge_p99_s": percentile(conv, 0.99),
+        "converge_max_s": max(conv, default=float("nan")),
+        "over_7s": len([c for c in conv if c > 7]),
+        "messages_sent": day.sent,
+        "world": dict(day.counts),
+        "gateway_events": dict(day.observed.kinds),
+        "verdicts": dict(gw.ingress.verdicts),
+        "slowest": sorted(day.worst, key=lambda x: -x[1])[:10],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--slots", type=int, default=500)
+    parser.add_argument("--step", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--debug", action="store_true", help="print the slots behind the first long mismatch")
+    parser.add_argument("--mispark", type=float, default=0.10)
+    parser.add_argument("--flapping", type=float, default=0.02)
+    parser.add_argument("--offline", type=float, default=0.01)
+    parser.add_argument("--duplicate", type=float, default=0.02)
+    parser.add_argument("--reorder", type=float, default=0.02)
+    args = parser.parse_args(argv)
+    opts = Options(
+        hours=args.hours,
+        slots=args.slots,
+        step=args.step,
+        seed=args.seed,
+        mispark=args.mispark,
+        flapping=args.flapping,
+        offline=args.offline,
+        duplicate=args.duplicate,
+        reorder=args.reorder,
+        json_path=args.json_path,
+        debug=args.debug,
+    )
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="pg-accuracy-") as tmp:
+        result = asyncio.run(simulate(opts, Path(tmp)))
+    result["loadavg_before"] = load_before
+    result["loadavg_after"] = os.getloadavg()
+    result["python"] = platform.python_version()
+    print(json.dumps(result, indent=2))
+    if opts.json_path:
+        Path(opts.json_path).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
