@@ -1,12 +1,12 @@
 """The daemon: one ordered list of services (gateway/services/lifecycle.py), started in order, stopped in reverse.
 
 Order: embedded broker -> MQTT output link -> writer (store open, config synced) -> read connection -> requests ->
-upstream (when configured) -> ingress -> publisher -> housekeeping -> deadlines -> MQTT input link. Nothing runs
-until all have started, so the output link announces `online` only once the store is open (and once the input
-link's subscriptions are granted); stopping in reverse means the input stops first (nothing new is decided, what
-is being committed is still acknowledged), nothing is decided after the writer is gone, every reply of its last
-commit is queued before the output link flushes and says `offline`, and `offline` is the last word. The upstream
-connection stops before the requests and the writer: its forwarder needs both.
+upstream (when configured) -> ingress -> publisher -> lanes (serial barrier controllers) -> housekeeping ->
+deadlines -> MQTT input link. Nothing runs until all have started, so the output link announces `online` only once
+the store is open (and once the input link's subscriptions are granted); stopping in reverse means the input stops
+first (nothing new is decided, what is being committed is still acknowledged), nothing is decided after the writer
+is gone, every reply of its last commit is queued before the output link flushes and says `offline`, and `offline`
+is the last word. The upstream connection stops before the requests and the writer: its forwarder needs both.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from gateway.services.deadlines import Deadlines
 from gateway.services.homeassistant import HomeAssistant
 from gateway.services.housekeeping import Housekeeping
 from gateway.services.ingress import Ingress
+from gateway.services.lanes import Lanes
 from gateway.services.lifecycle import Service, serve
 from gateway.services.publisher import Publisher, health_document
 from gateway.services.requests import Requests
@@ -91,7 +92,12 @@ class Gateway:
                 host=b.host,
                 port=b.port,
                 client_id=f"{config.gateway.id}-local-in",
-                subscriptions=(*self.ingress.subscriptions, (self.topics.requests, 1), *ha_local),
+                subscriptions=(
+                    *self.ingress.subscriptions,
+                    (self.topics.requests, 1),
+                    (self.topics.gate_opens, 1),
+                    *ha_local,
+                ),
                 username=username,
                 password=password,
                 tls=tls,
@@ -155,6 +161,7 @@ class Gateway:
                 self.homeassistant = HomeAssistant(config, self.upstream.link, self.upstream.topics)
             else:
                 self.homeassistant = HomeAssistant(config, self.link, self.topics)
+        self.lanes = Lanes(config, self.writer, self.reads, self.publisher, self.topics, clock=clock)
         self.housekeeping = Housekeeping(self.writer, clock=clock)
         self.deadlines = Deadlines(self.writer, clock=clock)
         self.systemd = Systemd(self.link, self.writer, clock=clock)
@@ -170,6 +177,7 @@ class Gateway:
             *([self.upstream] if self.upstream is not None else []),
             self.ingress,
             self.publisher,
+            self.lanes,  # after the publisher: its lot counts decide the FULL signs
             *([self.homeassistant] if self.homeassistant is not None else []),
             self.housekeeping,
             self.deadlines,
@@ -204,6 +212,13 @@ class Gateway:
         if self._ha_status and msg.topic == self._ha_status:
             await self._ha_birth(msg)
             return None
+        opens = match(self.topics.gate_opens, msg.topic)
+        if opens is not None:
+            if msg.retain:
+                # A stored copy of an old button press (contract §3.4: every non-retained message is one open).
+                self.ingress.reject("gates", opens[0], "retained", "a retained open is never a decision")
+                return None
+            return await self.lanes.handle_open(opens[0])
         levels = match(self.topics.requests, msg.topic)
         if levels is None:
             return await self.ingress.handle(msg)

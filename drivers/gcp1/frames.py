@@ -6,7 +6,7 @@ Nothing here does I/O or keeps time; `drivers.gcp1.link` does both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import ClassVar, TypeVar
 
@@ -318,11 +318,13 @@ class Status:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A controller EVENT; `fault_code` is set for FAULT only."""
+    """A controller EVENT; `fault_code` is set for FAULT only. `seq` is the frame's (0 for one built by hand): the
+    host keeps it to recognise a redelivery after its own restart; it is not part of the event's value."""
 
     cmd: ClassVar[Cmd] = Cmd.EVENT
     code: EventCode
     fault_code: int | None = None
+    seq: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         if (self.code == EventCode.FAULT) != (self.fault_code is not None):
@@ -380,7 +382,7 @@ def decode_controller(frame: Frame) -> ControllerMessage:
         code = _enum(EventCode, p[0], "event code")
         if (code == EventCode.FAULT) != (len(p) == 2):
             raise PayloadError(f"event {code.name} with a payload of {len(p)} bytes")
-        return Event(code, p[1] if len(p) == 2 else None)
+        return Event(code, p[1] if len(p) == 2 else None, seq=frame.seq)
     raise PayloadError(f"cmd 0x{cmd:02x} is not sent by a controller")
 
 

@@ -226,6 +226,7 @@ def _check_gates(lots: set[str], gates: Sequence[tuple[int, GateConfig]], proble
     gate_places: dict[str, int] = {}
     camera_places: dict[str, int] = {}
     serial_places: dict[tuple[str, int], int] = {}
+    port_places: dict[str, tuple[int, int]] = {}
     for gi, gate in gates:
         if gate.id in gate_places:
             problems.append(
@@ -253,6 +254,15 @@ def _check_gates(lots: set[str], gates: Sequence[tuple[int, GateConfig]], proble
                     )
                 )
             serial_places.setdefault(line, gi)
+            # Gates on one line share its serial port, so they share its speed.
+            first = port_places.setdefault(gate.serial.port, (gi, gate.serial.baudrate))
+            if first[1] != gate.serial.baudrate:
+                problems.append(
+                    (
+                        ("gates", gi, "serial", "baudrate"),
+                        f"port {gate.serial.port!r} runs at {first[1]} baud for gates[{first[0]}]",
+                    )
+                )
 
 
 def _check_tariffs(

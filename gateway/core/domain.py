@@ -215,3 +215,79 @@ class CompactOutbox(Command):
     after_seq: int
     scan: int = 1000
     announce: bool = False
+
+
+GateModeName = Literal["normal", "locked_open", "locked_closed"]
+GateEventCode = Literal["passed", "backed_out", "ticket", "forced_open", "fault"]
+
+
+@dataclass(frozen=True, slots=True)
+class GateEvent(Command):
+    """A controller EVENT that needs a decision (gateway/core/lanes.py), with its GCP/1 seq: applied once even
+    when the controller delivers it again after a gateway restart."""
+
+    gate: str
+    code: GateEventCode
+    seq: int
+    fault_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenGate(Command):
+    """`open_gate` (contract §3.3): a manual open, audited as gate.opened with the request's text as note."""
+
+    gate: str
+    actor: str | None
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetGateMode(Command):
+    gate: str
+    mode: GateModeName
+    actor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GateActuated(Command):
+    """The lane is done with these pending opens (the OPEN was acknowledged, or it is too late to send it)."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GateState(Command):
+    """What a lane's controller last reported, kept for `status`: written when it changes, never per STATUS."""
+
+    gate: str
+    barrier: str
+    mode: str
+    loops: int  # bit 0 loop A, bit 1 loop B
+    online: bool
+    heard_at: float | None  # wall time of the last frame heard
+
+
+@dataclass(frozen=True, slots=True)
+class GateAlert(Command):
+    """An alert about a lane from its service (offline, online, fault, open too long); a fault is also counted."""
+
+    gate: str
+    code: str
+    severity: Literal["info", "warning", "critical"]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class GateAction:
+    """What a committed decision asks of one barrier, done in this order after COMMIT: SET_MODE, OPEN, CLOSE
+    (only with both loops clear), DISPLAY. `pending` is the store's row for an OPEN, cleared once it is
+    acknowledged; an OPEN not sent by `expires` (the writer's Timeline) is not sent at all."""
+
+    gate: str
+    mode: GateModeName | None = None
+    open: bool = False
+    close: bool = False
+    display: str | None = None
+    pending: int | None = None
+    session_id: str | None = None
+    expires: float | None = None

@@ -36,6 +36,12 @@ def confusion_key(plate: str) -> str:
     return plate.translate(_CONFUSABLE)
 
 
+def reread_key(gate: str, plate: str) -> str:
+    """The idempotency key of a normalised plate read at a gate: confusable characters merged, so that a re-read
+    that misreads B as 8 is still the same car at the same gate."""
+    return f"rr:{gate}:{confusion_key(plate)}"
+
+
 def within_one_edit(a: str, b: str) -> bool:
     """True when a and b differ by at most one substitution, insertion or deletion."""
     if a == b:

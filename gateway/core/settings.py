@@ -79,3 +79,5 @@ class Settings:
     offline_pad: float = 300.0
     # A vacate countdown whose sensor has not been heard since the vacancy began looks again this much later.
     vacate_recheck: float = 120.0
+    # Barrier lanes (contract §6), gateway/core/lanes.py
+    pass_timeout: float = 60.0

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.core.clock import iso_ms
+from gateway.core.domain import GateAction
 from gateway.core.events import Alert, Envelope, Event, Severity
 from gateway.core.plates import PlateKey
 from gateway.core.settings import Settings
@@ -26,6 +27,8 @@ class Txn:
     timer_now: float = 0.0  # the writer's Timeline: what timer deadlines are measured against
     events: list[Envelope] = field(default_factory=list)
     deadlines_changed: bool = False
+    # What the barriers are to do once this commits (gateway/core/lanes.py); rolled back with the savepoint.
+    actions: list[GateAction] = field(default_factory=list)
 
     def emit(self, event: Event) -> Envelope:
         """Append an event to the outbox; its seq is the next in this gateway's gapless sequence."""

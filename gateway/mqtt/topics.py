@@ -36,6 +36,14 @@ class Topics:
     def response(self, verb: str) -> str:
         return f"{self.root}/response/{verb}"
 
+    def gate(self, gate: str) -> str:
+        return f"{self.root}/gates/{gate}"
+
+    @property
+    def gate_opens(self) -> str:
+        """`R/gates/+/open`: Home Assistant's open button (contract §3.4)."""
+        return f"{self.root}/gates/+/open"
+
 
 def device_level(kind: str) -> int:
     """Which `+` of an ingress filter matches the device id: the first, but the last for The Things Stack,

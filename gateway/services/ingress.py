@@ -35,7 +35,7 @@ from gateway.core.domain import (
     SensorsSeen,
 )
 from gateway.core.events import SlotStatus
-from gateway.core.plates import PlateError, confusion_key, normalise
+from gateway.core.plates import PlateError, normalise, reread_key
 from gateway.core.reconcile import OFFLINE, battery_verdict, offline_pad, offline_slack
 from gateway.core.sensors import SensorTracker, Transition, Verdict
 from gateway.mqtt.inbound import Handled
@@ -259,8 +259,7 @@ class Ingress:
         self.accepted["camera"] += 1
         keys = {
             "idempotency_key": f"cam:{read.camera_id}:{read.event_id}",
-            # Confusable characters merged: a re-read that misreads B as 8 is still the same car at the same gate.
-            "reread_key": f"rr:{gate.id}:{confusion_key(plate)}",
+            "reread_key": reread_key(gate.id, plate),
         }
         cmd: Command
         if gate.direction == "entry":
@@ -315,7 +314,8 @@ class Ingress:
     async def _submit(self, cmd: Command) -> bool:
         reply = None
         try:
-            reply = await self._writer.submit(cmd)
+            # A camera read is a car waiting at a gate: the writer's priority lane.
+            reply = await self._writer.submit(cmd, urgent=isinstance(cmd, Enter | Exit))
         except WriterClosed:
             return False  # shutting down: a persistent session brings the read again, the device its report
         finally:

@@ -121,14 +121,23 @@ class Publisher:
     def publish_all(self) -> None:
         """Every retained state; the links re-publish them after each reconnect."""
         for slot_id, slot in self.slots.items():
-            self._retain(self._topics.slot(slot_id), _dumps(slot.doc(slot_id)))
+            self.retain(self._topics.slot(slot_id), _dumps(slot.doc(slot_id)))
         for lot in self.lots:
             self._publish_availability(lot)
 
-    def _retain(self, topic: str, payload: bytes) -> None:
+    def retain(self, topic: str, payload: bytes) -> None:
+        """Publish a retained state on every link (the local one and the mirrors), each under its own R."""
         self._link.publish(topic, payload, qos=1, retain=True)
         for link, topics in self._mirrors:
             link.publish(self._mirrored(topic, topics), payload, qos=1, retain=True)
+
+    def walk_in_available(self, lot: str, restricted: frozenset[str]) -> int:
+        """Available slots of `lot` that a walk-in without a permit can get (the lane sign's FULL)."""
+        return sum(
+            n
+            for (_, type_, status, _), n in self._counts.get(lot, {}).items()
+            if status == "available" and type_ not in restricted
+        )
 
     def _mirrored(self, topic: str, topics: Topics) -> str:
         return topics.root + topic[len(self._topics.root) :]
@@ -174,7 +183,7 @@ class Publisher:
                     continue
             touched.add(slot_id)
         for slot_id in touched:
-            self._retain(self._topics.slot(slot_id), _dumps(self.slots[slot_id].doc(slot_id)))
+            self.retain(self._topics.slot(slot_id), _dumps(self.slots[slot_id].doc(slot_id)))
         if self._dirty:
             self._wakeup.set()
 
@@ -182,7 +191,7 @@ class Publisher:
         rows = ((z, t, st, x, n) for (z, t, st, x), n in self._counts[lot].items() if n)
         doc = fold(lot, rows, self._clock.wall())
         self.availability_docs[lot] = doc
-        self._retain(self._topics.availability(lot), _dumps(doc))
+        self.retain(self._topics.availability(lot), _dumps(doc))
 
     async def run(self) -> None:
         await asyncio.gather(self._availability_loop(), self._health_loop())
@@ -199,7 +208,7 @@ class Publisher:
 
     async def _health_loop(self) -> None:
         while True:
-            self._retain(self._topics.health, _dumps(await self._health()))
+            self.retain(self._topics.health, _dumps(await self._health()))
             await self._clock.sleep(HEALTH_EVERY)
 
 

@@ -59,6 +59,14 @@ def audit(conn: sqlite3.Connection) -> list[str]:
         ):
             problems.append(f"reservation {rid}: slot {slot} is not a slot of lot {lot}")
         problems.extend(_check_deadlines(conn))
+        for sid, gate in conn.execute(
+            "SELECT s.id, s.entry_gate FROM sessions s JOIN gates g ON g.id = s.entry_gate"
+            " WHERE s.state = 'active' AND s.confirmed_at IS NULL AND NOT EXISTS"
+            " (SELECT 1 FROM deadlines d WHERE d.kind = 'lane.pass_timeout' AND d.subject = s.id)"
+        ):
+            problems.append(
+                f"session {sid}: waits for its pass at gate {gate} with no pass timeout (its slot stays held)"
+            )
         problems.extend(_check_seq(conn))
         present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         for fence in FENCES:

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.core.domain import GateAction
 from gateway.store import availability
 
 
@@ -124,6 +125,20 @@ class ReadStore:
         if row is None:
             return None
         return dict(zip(("id", "lot", "started_at", "factor", "paid", "paid_at", "paid_until"), row, strict=True))
+
+    async def gate_modes(self) -> dict[str, str]:
+        """The mode the gateway asks of each barrier gate (set_gate_mode)."""
+        async with self._conn.execute("SELECT id, mode FROM gates") as cur:
+            return {str(g): str(m) for g, m in await cur.fetchall()}
+
+    async def gate_actions(self) -> list[GateAction]:
+        """The OPENs decided and not yet acknowledged by their controller, oldest first."""
+        sql = "SELECT id, gate, session_id, display, expires FROM gate_actions ORDER BY id"
+        async with self._conn.execute(sql) as cur:
+            return [
+                GateAction(gate, open=True, display=display, pending=int(i), session_id=sid, expires=float(expires))
+                for i, gate, sid, display, expires in await cur.fetchall()
+            ]
 
     async def outbox_backlog(self) -> int:
         async with self._conn.execute("SELECT rows FROM outbox_size") as cur:

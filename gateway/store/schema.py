@@ -166,6 +166,44 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sessions_unseated ON sessions (lot, confirmed_timer) WHERE state = 'active' AND seated_at IS NULL;
     ALTER TABLE slots ADD COLUMN battery_alerted REAL;
     """,
+    # 6: barrier lanes (gateway/core/lanes.py). `gates`: one row per gate with a serial controller (made to match
+    # the config at start): the mode the gateway asks for, and what the controller last reported, written when it
+    # changes (for `status`). `gate_actions`: OPENs decided and not yet acknowledged by the controller.
+    # `gate_events`: the last controller events applied per gate, by GCP/1 seq (a redelivery is applied once).
+    """
+    CREATE TABLE gates (
+        id TEXT PRIMARY KEY,
+        mode TEXT NOT NULL DEFAULT 'normal' CHECK (mode IN ('normal', 'locked_open', 'locked_closed')),
+        barrier TEXT,
+        reported_mode TEXT,
+        loops INTEGER,
+        online INTEGER,
+        heard_at REAL,
+        changed_at REAL,
+        faults INTEGER NOT NULL DEFAULT 0,
+        last_fault TEXT,
+        last_fault_at REAL
+    );
+    CREATE TABLE gate_actions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        gate TEXT NOT NULL,
+        reason TEXT NOT NULL CHECK (reason IN ('entry', 'exit', 'manual')),
+        session_id TEXT,
+        display TEXT,
+        expires REAL NOT NULL,    -- the writer's Timeline: not sent after this
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX gate_actions_session ON gate_actions (session_id) WHERE session_id IS NOT NULL;
+    CREATE TABLE gate_events (
+        gate TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        at REAL NOT NULL,         -- the writer's Timeline
+        PRIMARY KEY (gate, seq)
+    );
+    CREATE INDEX sessions_unconfirmed ON sessions (entry_gate, started_at)
+        WHERE state = 'active' AND confirmed_at IS NULL;
+    """,
 )
 
 Synchronous = Literal["FULL", "NORMAL"]

@@ -62,6 +62,7 @@ def settings_from_config(cfg: GatewayConfig) -> Settings:
         sensor_offline_after=cfg.timing.sensor_offline_after,
         offline_pad=offline_pad(cfg.timing.sensor_seen_flush),
         vacate_recheck=offline_slack(cfg.timing.sensor_seen_flush),
+        pass_timeout=cfg.timing.pass_timeout,
     )
 
 

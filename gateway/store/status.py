@@ -44,6 +44,7 @@ def status_document(conn: sqlite3.Connection, now: float | None = None) -> dict[
         )
         doc["outbox"] = _outbox(conn, time.time() if now is None else now)
         doc["sessions_active"] = int(conn.execute("SELECT COUNT(*) FROM sessions WHERE state = 'active'").fetchone()[0])
+        doc["gates"] = _gates(conn, time.time() if now is None else now)
         doc["rejections"] = [
             {"at": r[0], "source": r[1], "reason": r[2], "detail": r[3]}
             for r in conn.execute("SELECT at, source, reason, detail FROM rejections ORDER BY id DESC LIMIT 10")
@@ -67,6 +68,58 @@ def _outbox(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         "oldest_age_s": round(max(0.0, now - oldest[0]), 1) if oldest else None,
         "compacted": {"entries": int(compacted[0]), "events": int(compacted[1])},
     }
+
+
+def _gates(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+    """Each barrier gate as its lane last wrote it (on change, never per STATUS): an online gate heard a STATUS
+    within 3 s as of then; an offline one shows how long ago it was last heard."""
+    out = []
+    for row in conn.execute(
+        "SELECT g.id, g.mode, g.barrier, g.reported_mode, g.loops, g.online, g.heard_at, g.changed_at, g.faults,"
+        " g.last_fault, g.last_fault_at, (SELECT COUNT(*) FROM gate_actions a WHERE a.gate = g.id),"
+        " (SELECT COUNT(*) FROM sessions s WHERE s.entry_gate = g.id AND s.state = 'active'"
+        " AND s.confirmed_at IS NULL) FROM gates g ORDER BY g.id"
+    ):
+        loops = row[4]
+        out.append(
+            {
+                "gate": row[0],
+                "mode": row[1],
+                "barrier": row[2] or "unknown",
+                "reported_mode": row[3],
+                "loop_a": None if loops is None else bool(loops & 1),
+                "loop_b": None if loops is None else bool(loops & 2),
+                "online": bool(row[5]),
+                "last_status_at": iso_ms(row[6]) if row[6] is not None else None,
+                "last_status_age_s": round(max(0.0, now - row[6]), 1) if row[6] is not None else None,
+                "changed_at": iso_ms(row[7]) if row[7] is not None else None,
+                "faults": int(row[8]),
+                "last_fault": row[9],
+                "last_fault_at": iso_ms(row[10]) if row[10] is not None else None,
+                "opens_pending": int(row[11]),
+                "entries_waiting": int(row[12]),
+            }
+        )
+    return out
+
+
+def _gate_line(g: dict[str, Any]) -> str:
+    loops = "?" if g["loop_a"] is None else ("A" if g["loop_a"] else "-") + ("B" if g["loop_b"] else "-")
+    line = f"gate {g['gate']}: barrier {g['barrier']}, mode {g['mode']}, loops {loops}, "
+    if g["online"]:
+        line += "online"
+    elif g["last_status_age_s"] is not None:
+        line += f"offline, last STATUS {_age(g['last_status_age_s'])} ago"
+    else:
+        line += "never heard"
+    line += f", {g['faults']} faults"
+    if g["last_fault"]:
+        line += f" (last {g['last_fault_at']}: {g['last_fault']})"
+    if g["opens_pending"]:
+        line += f", {g['opens_pending']} OPEN pending"
+    if g["entries_waiting"]:
+        line += f", {g['entries_waiting']} entries waiting for their pass"
+    return line
 
 
 def _age(seconds: float) -> str:
@@ -99,6 +152,7 @@ def render_text(doc: dict[str, Any]) -> str:
     if doc["unregistered"]:
         lines.append("occupied without a session: " + ", ".join(doc["unregistered"][:20]))
     lines.append(f"active sessions: {doc['sessions_active']} ({doc['sessions_roaming']} without a slot)")
+    lines.extend(_gate_line(g) for g in doc["gates"])
     box = doc["outbox"]
     line = f"outbox: {box['backlog']} entries, {box['bytes']} bytes"
     if box["oldest_age_s"] is not None:

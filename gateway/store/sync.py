@@ -75,6 +75,22 @@ def sync_config(
         raise
 
 
+def sync_gates(conn: sqlite3.Connection, gate_ids: list[str]) -> None:
+    """One `gates` row per gate with a barrier controller; a gate gone from the config takes its row with it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany("INSERT OR IGNORE INTO gates (id) VALUES (?)", [(g,) for g in gate_ids])
+        known = set(gate_ids)
+        gone = [(g,) for (g,) in conn.execute("SELECT id FROM gates").fetchall() if g not in known]
+        conn.executemany("DELETE FROM gates WHERE id = ?", gone)
+        conn.executemany("DELETE FROM gate_actions WHERE gate = ?", gone)
+        conn.executemany("DELETE FROM gate_events WHERE gate = ?", gone)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _busy_slots(conn: sqlite3.Connection, slot_ids: list[str]) -> set[str]:
     busy: set[str] = set()
     for sid in slot_ids:

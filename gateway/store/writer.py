@@ -7,16 +7,17 @@ import contextlib
 import json
 import re
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from gateway.config import GatewayConfig
-from gateway.core import allocation, exits, outbox, reconcile, reservations, slots, timers, upkeep
+from gateway.core import exits, lanes, outbox, reconcile, reservations, slots, timers, upkeep
 from gateway.core.clock import SYSTEM_CLOCK, Clock, Timeline
 from gateway.core.domain import (
     BatteryReport,
@@ -29,7 +30,13 @@ from gateway.core.domain import (
     Exit,
     FireDue,
     ForgetEvents,
+    GateAction,
+    GateActuated,
+    GateAlert,
+    GateEvent,
+    GateState,
     Housekeeping,
+    OpenGate,
     Pay,
     Ping,
     RaiseAlert,
@@ -39,6 +46,7 @@ from gateway.core.domain import (
     Reserve,
     SensorChanges,
     SensorsSeen,
+    SetGateMode,
     Unblock,
 )
 from gateway.core.events import Envelope
@@ -47,7 +55,7 @@ from gateway.core.txn import Txn
 from gateway.store.schema import Synchronous, connect, migrate
 from gateway.store.settings import settings_from_config
 from gateway.store.state import private_store
-from gateway.store.sync import sync_config
+from gateway.store.sync import sync_config, sync_gates
 
 log = structlog.get_logger("gateway.writer")
 
@@ -62,9 +70,11 @@ class Committed:
     batch_size: int
     # The earliest (timer, wall) deadline after this commit when the commit changed deadlines, else None.
     next_due: tuple[float | None, float | None] | None = None
+    # What the barriers are to do now that it is committed, in decision order (gateway/core/lanes.py).
+    actions: list[GateAction] = field(default_factory=list)
 
 
-Applied = tuple[list[Reply], list[Envelope], tuple[float | None, float | None] | None]
+Applied = tuple[list[Reply], list[Envelope], tuple[float | None, float | None] | None, list[GateAction]]
 
 
 class WriterClosed(Exception):
@@ -102,11 +112,12 @@ class _Entry:
     cmd: Command
     fut: asyncio.Future[Reply]
     give_up_at: float | None  # monotonic; None: retried until it commits (device input, upkeep)
+    urgent: bool = False
 
 
 HANDLERS: dict[type[Command], Handler] = {
-    Enter: allocation.enter,
-    Exit: exits.exit_,
+    Enter: lanes.enter,  # allocation.enter, and at a barrier gate its OPEN
+    Exit: lanes.exit_,  # exits.exit_, likewise
     Block: slots.block,
     Unblock: slots.unblock,
     SensorChanges: reconcile.sensor_changes,
@@ -123,6 +134,12 @@ HANDLERS: dict[type[Command], Handler] = {
     Ping: upkeep.ping,
     ForgetEvents: outbox.forget,
     CompactOutbox: outbox.compact,
+    GateEvent: lanes.gate_event,
+    OpenGate: lanes.open_gate,
+    SetGateMode: lanes.set_gate_mode,
+    GateActuated: lanes.actuated,
+    GateState: lanes.gate_state,
+    GateAlert: lanes.gate_alert,
 }
 
 
@@ -150,6 +167,9 @@ class Writer:
         self.next_due: tuple[float | None, float | None] = (None, None)
         self.name = "writer"
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue(maxsize=10_000)
+        # The priority lane: interactive decisions (a car at a barrier) commit before anything queued.
+        self._urgent: deque[_Entry] = deque()
+        self._work = asyncio.Event()
         self._listeners: list[Callable[[Committed], None]] = []
         self._ready = asyncio.Event()
         self._closed = False
@@ -172,22 +192,29 @@ class Writer:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._urgent)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
-    async def submit(self, cmd: Command, *, give_up_after: float | None = None) -> Reply:
+    async def submit(self, cmd: Command, *, give_up_after: float | None = None, urgent: bool = False) -> Reply:
         """Apply `cmd`; the reply resolves after its COMMIT.
 
         A commit that fails for a passing reason is retried until it succeeds; with `give_up_after` the command
         is answered `unavailable` instead once it could not be committed for that long (it then never commits).
+        `urgent` (a decision a car waits for at a barrier): it goes in the next group commit, ahead of everything
+        queued, with other urgent commands only (unbounded: their rate is that of cars).
         """
         if self._closed:
             raise WriterClosed("the writer has stopped")
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         give_up_at = None if give_up_after is None else self._clock.monotonic() + give_up_after
-        await self._queue.put(_Entry(cmd, fut, give_up_at))
+        entry = _Entry(cmd, fut, give_up_at, urgent)
+        if urgent:
+            self._urgent.append(entry)
+        else:
+            await self._queue.put(entry)
+        self._work.set()
         return await fut
 
     async def start(self) -> None:
@@ -203,13 +230,22 @@ class Writer:
         try:
             await self.start()
             while True:
-                batch = [await self._queue.get()]
+                while not self._urgent and self._queue.empty():
+                    self._work.clear()
+                    await self._work.wait()
+                batch: list[_Entry] = []
                 self._top_up(batch)
                 await self._commit(batch)
         finally:
             await self.stop()
 
     def _top_up(self, batch: list[_Entry]) -> None:
+        """Urgent commands first; a batch with any of them takes no others, so that its commit stays short."""
+        urgent = self._urgent
+        while urgent and len(batch) < self._batch_max:
+            batch.append(urgent.popleft())
+        if any(e.urgent for e in batch):
+            return
         while len(batch) < self._batch_max and not self._queue.empty():
             batch.append(self._queue.get_nowait())
 
@@ -285,8 +321,8 @@ class Writer:
         raised is then not acknowledged, and the broker delivers it again after the restart).
         """
         self._closed = True
-        while not self._queue.empty():
-            fut = self._queue.get_nowait().fut
+        while self._urgent or not self._queue.empty():
+            fut = (self._urgent.popleft() if self._urgent else self._queue.get_nowait()).fut
             if not fut.done():
                 fut.set_exception(WriterClosed("the gateway stopped before committing this"))
         executor, self._executor = self._executor, None
@@ -299,7 +335,7 @@ class Writer:
     async def health(self) -> dict[str, Any]:
         failing = None if self._failing_since is None else round(self._clock.monotonic() - self._failing_since, 1)
         return {
-            "queue_depth": self._queue.qsize(),
+            "queue_depth": self.queue_depth,
             "commits": self.commits,
             "commands": self.commands,
             "commit_failures": self.commit_failures,
@@ -312,6 +348,7 @@ class Writer:
         replies: list[Reply],
         events: list[Envelope],
         next_due: tuple[float | None, float | None] | None,
+        actions: list[GateAction],
     ) -> None:
         for entry, reply in zip(batch, replies, strict=True):
             if not entry.fut.done():
@@ -320,8 +357,8 @@ class Writer:
         self.commands += len(batch)
         if next_due is not None:
             self.next_due = next_due
-        if events or next_due is not None:
-            done = Committed(events, len(batch), next_due)
+        if events or next_due is not None or actions:
+            done = Committed(events, len(batch), next_due, actions)
             for listener in self._listeners:
                 try:
                     listener(done)
@@ -339,9 +376,10 @@ class Writer:
         migrate(conn)
         lots = {lot.id: lot.name for lot in self._config.lots}
         sync_config(conn, lots, self._config.slot_specs())
+        sync_gates(conn, [g.id for g in self._config.gates if g.serial is not None])
         self._conn = conn
         self._next_seq = self._load_seq()
-        (reply,), _, _ = self._apply([Rearm()])
+        (reply,), _, _, _ = self._apply([Rearm()])
         if not reply.ok:
             raise RuntimeError(f"re-arming the deadlines failed: {reply.message}")
         self.next_due = timers.next_due(self._txn(conn))
@@ -379,13 +417,13 @@ class Writer:
                 raise _Passing(str(exc)) from exc
             log.error("group commit failed", error=str(exc), batch=len(cmds))
             failed = Reply.error("unavailable", "the store could not commit; try again")
-            return [failed] * len(cmds), [], None
+            return [failed] * len(cmds), [], None, []
         self._next_seq = txn.next_seq
-        return replies, txn.events, next_due
+        return replies, txn.events, next_due, txn.actions
 
     def _apply_one(self, txn: Txn, cmd: Command) -> Reply:
         conn = txn.conn
-        seq_before, events_before = txn.next_seq, len(txn.events)
+        mark = (txn.next_seq, len(txn.events), len(txn.actions))
         conn.execute("SAVEPOINT cmd")
         try:
             keys = self._keys(cmd)
@@ -395,35 +433,36 @@ class Writer:
                     reply = Reply(True, HANDLERS[type(cmd)](txn, cmd))
                 except CommandError as exc:
                     if not exc.keep_effects:
-                        self._undo(txn, seq_before, events_before)
+                        self._undo(txn, mark)
                     reply = Reply.error(exc.code, exc.message, **exc.extra)
                 self._remember(txn, keys, reply, verb_of(cmd))
             conn.execute("RELEASE cmd")
             return reply
         except sqlite3.IntegrityError as exc:
             # The unique fences caught what the allocation logic should have prevented: refuse, keep neighbours.
-            self._undo(txn, seq_before, events_before)
+            self._undo(txn, mark)
             conn.execute("RELEASE cmd")
             log.error("constraint refused a command", command=type(cmd).__name__, error=str(exc))
             return Reply.error("conflict", "refused by a store constraint")
         except sqlite3.Error as exc:
             if passing(exc):
                 raise  # the whole group commit is retried
-            self._undo(txn, seq_before, events_before)
+            self._undo(txn, mark)
             conn.execute("RELEASE cmd")
             log.exception("command failed in the store", command=type(cmd).__name__)
             return Reply.error("unavailable", f"store error: {exc.sqlite_errorname}")
         except Exception as exc:
-            self._undo(txn, seq_before, events_before)
+            self._undo(txn, mark)
             conn.execute("RELEASE cmd")
             log.exception("command failed", command=type(cmd).__name__)
             return Reply.error("unavailable", f"internal error: {type(exc).__name__}")
 
     @staticmethod
-    def _undo(txn: Txn, seq_before: int, events_before: int) -> None:
+    def _undo(txn: Txn, mark: tuple[int, int, int]) -> None:
         txn.conn.execute("ROLLBACK TO cmd")
-        txn.next_seq = seq_before
-        del txn.events[events_before:]
+        txn.next_seq = mark[0]
+        del txn.events[mark[1] :]
+        del txn.actions[mark[2] :]
 
     def _keys(self, cmd: Command) -> list[tuple[str, float]]:
         """The command's idempotency keys with how long each is honoured."""

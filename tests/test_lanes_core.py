@@ -1,0 +1,98 @@
+"""Lane decisions in the writer without a controller: the priority lane, events applied once, signs, tickets."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from gateway.core.domain import Enter, GateEvent, RaiseAlert
+from gateway.core.lanes import EVENTS_KEPT, TICKET_CHARS, money, new_ticket, sign_text
+from gateway.core.plates import normalise
+from gateway.store.audit import audit
+from gateway.store.writer import Committed
+from tests.helpers import lot_config, new_writer, reader
+
+GATE = """
+[[gates]]
+id = "in1"
+lot = "lot1"
+direction = "entry"
+serial = { port = "/dev/null-gcp1" }
+"""
+
+
+async def test_urgent_commands_commit_first_and_alone(tmp_path: Path) -> None:
+    """The priority lane: queued behind 300 commands, a car's decision is in the very next group commit, and that
+    commit carries nothing else."""
+    cfg = lot_config(tmp_path, extra=GATE)
+    writer = new_writer(cfg)
+    await writer.start()
+    commits: list[Committed] = []
+    writer.add_listener(commits.append)
+    backlog = [
+        asyncio.create_task(writer.submit(RaiseAlert(code="x", severity="info", subject={}, message=str(i))))
+        for i in range(300)
+    ]
+    car = asyncio.create_task(writer.submit(Enter(vehicle="AB123CD", gate="in1"), urgent=True))
+    await asyncio.sleep(0)  # all of them queued before the writer takes its first batch
+    task = asyncio.create_task(writer.run())
+    try:
+        assert (await car).ok
+        await asyncio.gather(*backlog)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    first = commits[0]
+    assert first.batch_size == 1
+    assert [e.type for e in first.events] == ["session.started", "slot.status", "gate.opened"]
+    assert [a.open for a in first.actions] == [True]
+    assert sum(c.batch_size for c in commits) == 301
+
+
+async def test_a_gate_event_is_applied_once_by_its_seq(tmp_path: Path) -> None:
+    cfg = lot_config(tmp_path, slots=3, extra=GATE)
+    writer = new_writer(cfg)
+    task = asyncio.create_task(writer.run())
+    try:
+        await writer.wait_ready()
+        first = await writer.submit(Enter(vehicle="AB123CD", gate="in1"))
+        second = await writer.submit(Enter(vehicle="CD456EF", gate="in1"))
+        passed = GateEvent(gate="in1", code="passed", seq=7)
+        assert (await writer.submit(passed)).data == {"applied": True, "session_id": first.data["session_id"]}
+        # Delivered again (a gateway restart lost the link's memory): not applied, the second car still waits.
+        assert (await writer.submit(passed)).data == {"applied": False}
+        # Another event under that seq (a controller that restarted its counter) is a new event.
+        backed = await writer.submit(GateEvent(gate="in1", code="backed_out", seq=7))
+        assert backed.data == {"applied": True, "session_id": second.data["session_id"]}
+        # The memory is the last few events: seq 7 is forgotten once EVENTS_KEPT others came after it.
+        for seq in range(100, 100 + EVENTS_KEPT):
+            await writer.submit(GateEvent(gate="in1", code="forced_open", seq=seq))
+        ticket = await writer.submit(GateEvent(gate="in1", code="ticket", seq=7))
+        assert ticket.ok and ticket.data["applied"] and ticket.data["slot"] == "A-002"
+        assert normalise(ticket.data["ticket"]) == ticket.data["ticket"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    conn = reader(cfg)
+    try:
+        assert audit(conn) == []
+        states = dict(conn.execute("SELECT state, COUNT(*) FROM sessions GROUP BY state").fetchall())
+        assert states == {"active": 2, "cancelled": 1}
+    finally:
+        conn.close()
+
+
+def test_signs_money_and_tickets() -> None:
+    assert money(350, "EUR") == "3.50 EUR"
+    assert money(5, "EUR") == "0.05 EUR"
+    assert money(1200, "JPY") == "1200 JPY"
+    assert money(1234, "KWD") == "1.234 KWD"
+    assert money(99, None) == "0.99"
+    assert sign_text("Straße L1-042 " + "x" * 40) == ("Stra?e L1-042 " + "x" * 40)[:32]
+    tickets = {new_ticket() for _ in range(1000)}
+    assert len(tickets) == 1000
+    for t in tickets:
+        assert len(t) == 16 and t[0] == "T" and set(t[1:]) <= set(TICKET_CHARS)
+        assert normalise(t) == t
+    # No character a camera or a clerk confuses with another (the confusion merge of exit matching).
+    assert set(TICKET_CHARS).isdisjoint("O0DQI1S5B8Z2")
