@@ -68,6 +68,8 @@ async def test_no_pass_within_pass_timeout_cancels_the_entry_and_a_barrier_held_
         await s.arrive_and_read(s.entry, "cam-in1", "AB123CD")
         (started,) = await s.wait_event("session.started")
         await until(lambda: s.entry.barrier == BarrierState.OPEN)
+        # The gateway knows it is open (its open-too-long count starts there) before the clock moves.
+        await s.obs.wait_for(lambda: (s.obs.state(f"{R}/gates/in1") or {}).get("barrier") == "open")
         s.clock.advance(29)
         await s.request("availability", lot="lot1")  # a round trip through the gateway: nothing fired early
         assert s.events("session.cancelled") == []
