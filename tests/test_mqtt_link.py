@@ -221,6 +221,29 @@ async def test_retained_state_is_republished_after_broker_restart(broker: Broker
     assert link.retained == {"parking/gw1/slots/A": b"occupied", "parking/gw1/slots/B": b"reserved"}
 
 
+async def test_a_retained_view_is_rendered_at_send_time_and_republished_after_broker_restart(broker: Broker) -> None:
+    view = {"A": b"occupied", "B": b"available"}
+    link = MqttLink(options(broker), collector()[1])
+    link.retain_view("parking/gw1/slots/", view.keys, view.get)
+    async with running(link):
+        await link.wait_connected(DEADLINE)
+        assert await retained_value(broker, "parking/gw1/slots/A") == b"occupied"  # queued at connect
+        await broker.stop()
+        await until(lambda: not link.connected)
+        view["B"] = b"reserved"  # while down: the owner's state changes, the link keeps no copy of it
+        link.publish_view("parking/gw1/slots/B")
+        await broker.start()
+        await until(lambda: link.reconnects == 1 and link.connected)
+        assert await retained_value(broker, "parking/gw1/slots/A", "fresh-a") == b"occupied"
+        assert await retained_value(broker, "parking/gw1/slots/B", "fresh-b") == b"reserved"
+        async with observer(broker, "parking/gw1/slots/A", ident="watch-a") as seen:
+            await next_on(seen, "parking/gw1/slots/A")  # its retained copy
+            del view["A"]  # gone from the view: its retained copy is cleared (an empty payload)
+            link.publish_view("parking/gw1/slots/A")
+            assert bytes((await next_on(seen, "parking/gw1/slots/A")).payload) == b""
+    assert link.retained == {}
+
+
 async def test_publish_while_disconnected_is_delivered_after_reconnect(broker: Broker) -> None:
     gate = Gate()
     link = MqttLink(options(broker), collector()[1], on_connect=gate)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -179,6 +180,7 @@ class MqttLink:
         self.reconnects = 0
         self.dropped = 0
         self.retained: dict[str, bytes] = {}
+        self._views: list[tuple[str, Callable[[], Iterable[str]], Callable[[str], bytes | None]]] = []
         self._queue: deque[_Outgoing] = deque()
         self._queued_retained: set[str] = set()
         self._inflight: dict[int, _Outgoing] = {}  # by paho's message id, in send order
@@ -213,15 +215,45 @@ class MqttLink:
                 self.retained[topic] = data
             else:
                 self.retained.pop(topic, None)  # an empty retained message clears the broker's copy
-            if topic in self._queued_retained:
-                return
-            self._queued_retained.add(topic)
-            self._queue.append(_Outgoing(topic, None, qos, True))
-        else:
-            self._queue.append(_Outgoing(topic, data, qos, False, response_topic, correlation_data, droppable))
+            self._queue_retained(topic, qos)
+            return
+        self._queue.append(_Outgoing(topic, data, qos, False, response_topic, correlation_data, droppable))
         if len(self._queue) > self.options.queue_max:
             self._drop_oldest()
         self._wakeup.set()
+
+    def retain_view(
+        self, prefix: str, keys: Callable[[], Iterable[str]], render: Callable[[str], bytes | None]
+    ) -> None:
+        """Retained topics `prefix + key`, one per key of `keys()`, whose payloads `render(key)` makes at send time.
+
+        For state the owner keeps anyway (a slot view of 10,000 slots): the link holds no second copy of it as
+        bytes and topics, and still re-publishes all of it after each reconnect. `render` returning None clears
+        the topic.
+        """
+        self._views.append((prefix, keys, render))
+
+    def publish_view(self, topic: str, *, qos: int = 1) -> None:
+        """Queue a topic of a retained view; the latest state goes when it is sent."""
+        self._queue_retained(topic, qos)
+
+    def _queue_retained(self, topic: str, qos: int) -> None:
+        if topic in self._queued_retained:
+            return
+        self._queued_retained.add(topic)
+        self._queue.append(_Outgoing(topic, None, qos, True))
+        if len(self._queue) > self.options.queue_max:
+            self._drop_oldest()
+        self._wakeup.set()
+
+    def _retained_payload(self, topic: str) -> bytes:
+        data = self.retained.get(topic)
+        if data is not None:
+            return data
+        for prefix, _, render in self._views:
+            if topic.startswith(prefix):
+                return render(topic[len(prefix) :]) or b""
+        return b""
 
     def _drop_oldest(self) -> None:
         # Retained entries are never dropped: there is at most one per topic and each is current state.
@@ -389,7 +421,8 @@ class MqttLink:
 
     def _queue_retained_state(self) -> None:
         # The broker may have lost its retained messages (amqtt keeps them in memory only).
-        missing = [topic for topic in self.retained if topic not in self._queued_retained]
+        views = (prefix + key for prefix, keys, _ in self._views for key in keys())
+        missing = [topic for topic in itertools.chain(self.retained, views) if topic not in self._queued_retained]
         self._queued_retained.update(missing)
         self._queue.extendleft(_Outgoing(topic, None, 1, True) for topic in reversed(missing))
         self._wakeup.set()
@@ -518,7 +551,10 @@ class MqttLink:
             item = self._queue.popleft()
             if item.payload is None:
                 self._queued_retained.discard(item.topic)
-            payload = item.payload if item.payload is not None else self.retained.get(item.topic, b"")
+                if not self._queued_retained:
+                    # A set never shrinks: the start's 10,000 slot states would keep 512 KiB of empty table.
+                    self._queued_retained = set()
+            payload = item.payload if item.payload is not None else self._retained_payload(item.topic)
             info = mqttc.publish(item.topic, payload, item.qos, item.retain, self._properties(item))
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 self._queue.appendleft(item)

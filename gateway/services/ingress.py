@@ -73,7 +73,6 @@ class Ingress:
         self._clock = clock
         self.routes = [Route(f, kind) for kind, filters in config.ingress.by_kind() for f in filters]
         specs = config.slot_specs()
-        self.sensors = {spec.sensor for spec in specs}
         self._sensor_of = {spec.id: spec.sensor for spec in specs}
         self.gates: dict[str, GateConfig] = {g.camera: g for g in config.gates if g.camera is not None}
         self.tracker = SensorTracker(
@@ -90,6 +89,8 @@ class Ingress:
         self._stopped = False
         # Battery: the threshold per sensor, and what is known (low, when last alerted on the Timeline).
         self._battery_low_at = {s.sensor: s.battery_low or config.sensors.battery_low for s in specs}
+        # The configured sensors: the keys above, not a set of their own (512 KiB at 10,000 slots).
+        self.sensors = self._battery_low_at.keys()
         self._battery: dict[str, tuple[bool, float | None]] = {}
         self.accepted: Counter[str] = Counter()
         self.rejected: Counter[tuple[str, str]] = Counter()

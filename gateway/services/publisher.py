@@ -95,6 +95,7 @@ class Publisher:
     def mirror(self, link: MqttLink, topics: Topics) -> None:
         """Keep the retained state on `link` too, under its own R (upstream); events reach it another way."""
         self._mirrors.append((link, topics))
+        link.retain_view(topics.slot(""), self.slots.keys, self._slot_payload)
         for topic, payload in self._link.retained.items():
             if topic.startswith(f"{self._topics.root}/"):
                 link.publish(self._mirrored(topic, topics), payload, qos=1, retain=True)
@@ -109,6 +110,7 @@ class Publisher:
         self._counts = {lot: Counter() for lot in self.lots}
         for slot in self.slots.values():
             self._counts[slot.lot][self._key(slot)] += 1
+        self._link.retain_view(self._topics.slot(""), self.slots.keys, self._slot_payload)
         self._writer.add_listener(self.on_commit)
         self.publish_all()
 
@@ -120,8 +122,8 @@ class Publisher:
 
     def publish_all(self) -> None:
         """Every retained state; the links re-publish them after each reconnect."""
-        for slot_id, slot in self.slots.items():
-            self.retain(self._topics.slot(slot_id), _dumps(slot.doc(slot_id)))
+        for slot_id in self.slots:
+            self._publish_slot(slot_id)
         for lot in self.lots:
             self._publish_availability(lot)
 
@@ -130,6 +132,16 @@ class Publisher:
         self._link.publish(topic, payload, qos=1, retain=True)
         for link, topics in self._mirrors:
             link.publish(self._mirrored(topic, topics), payload, qos=1, retain=True)
+
+    def _publish_slot(self, slot_id: str) -> None:
+        # A view's topic: each link renders the slot's state when it sends it (_slot_payload).
+        self._link.publish_view(self._topics.slot(slot_id))
+        for link, topics in self._mirrors:
+            link.publish_view(topics.slot(slot_id))
+
+    def _slot_payload(self, slot_id: str) -> bytes | None:
+        slot = self.slots.get(slot_id)
+        return None if slot is None else _dumps(slot.doc(slot_id))
 
     def walk_in_available(self, lot: str, restricted: frozenset[str]) -> int:
         """Available slots of `lot` that a walk-in without a permit can get (the lane sign's FULL)."""
@@ -183,7 +195,7 @@ class Publisher:
                     continue
             touched.add(slot_id)
         for slot_id in touched:
-            self.retain(self._topics.slot(slot_id), _dumps(self.slots[slot_id].doc(slot_id)))
+            self._publish_slot(slot_id)
         if self._dirty:
             self._wakeup.set()
 
