@@ -20,6 +20,16 @@ Imported only when the embedded broker starts: amqtt pulls in websockets, transi
     Here a connecting session gets the retained messages of its own subscriptions only, each filter checked
     against the ACL again.
   - A will is published only where its client may publish (amqtt does not check it).
+  - Nothing acknowledged is lost when a client leaves. amqtt acknowledges a QoS 1 publish on receipt and queues
+    it for the session's message loop, which broadcasts one message per pass; on a disconnect its loop ends
+    and drops what is still queued: whatever the loop was behind by, e.g. a device that subscribes to a
+    retained topic, publishes and leaves in one go (the loop waits for the retained message's PUBACK).
+    Here the loop broadcasts every queued message, in order, before it handles the disconnect (the will last).
+  - ACL checks decide in place (``AclPlugin.allows``). amqtt asks each topic plugin in a task of its own and
+    gathers them, so every check suspended its caller: its broadcast loop iterates the live subscription table
+    around the check, and a session cleaned up meanwhile (amqtt's session monitor, once a second) ended that
+    broadcast with "dictionary changed size during iteration" for the subscribers after it. A check that does
+    not suspend leaves nothing to change the table under the loop, as before the ACL applied to everyone.
 - ``AclPlugin``: the ACL of gateway.mqtt.acl, in place of amqtt's TopicAccessControlListPlugin, which lets
   everyone publish anything when the publish ACL is empty and lets a granted `a/+` subscribe to `a/#`.
 - ``GatewayAccountPlugin``: the gateway's own in-process account when there is no users_file.
@@ -27,6 +37,7 @@ Imported only when the embedded broker starts: amqtt pulls in websockets, transi
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
@@ -50,6 +61,9 @@ _HOOKED = (
     "_publish_session_retained_messages",
     "_publish_retained_messages_for_subscription",
     "_client_message_loop",
+    "_handle_subscription",
+    "_handle_unsubscription",
+    "_handle_message_delivery",
     "_handle_disconnect",
     "_topic_filtering",
 )
@@ -80,6 +94,11 @@ class GatewayBroker(Broker):  # type: ignore[misc]
         gateway_prefix: str | None = None,
     ) -> None:
         super().__init__(config)
+        topic_plugins = [p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin)]
+        if any(not isinstance(p, AclPlugin) for p in topic_plugins):
+            # `_topic_filtering` asks the AclPlugins only; another topic plugin would be silently left out.
+            raise ValueError("the gateway's broker takes no topic plugin but its AclPlugin")
+        self._acls: list[AclPlugin] = topic_plugins
         self._accounts = frozenset(accounts) - {ANONYMOUS}
         self._gateway_user = gateway_user
         self._gateway_prefix = gateway_prefix
@@ -179,9 +198,67 @@ class GatewayBroker(Broker):  # type: ignore[misc]
             return  # the CONNECT-time replay of every filter in the broker: done above, own filters only
         await super()._publish_retained_messages_for_subscription(subscription, session)
 
-    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        # amqtt 0.12.1's own, except that a disconnect is handled after every message the client sent before it
+        # (amqtt handled it first, then at most one message, and dropped the queue: acknowledged messages).
         self._replayed = None
-        await super()._client_message_loop(client_session, handler)
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        break  # as amqtt: a publish that breaks the protocol ends the connection
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if disconnect_waiter in done:
+                    await self._deliver_queued(client_session, handler, wait_deliver)
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    break
+        except asyncio.CancelledError:
+            self.logger.debug("Client loop cancelled")  # as amqtt: the session ends, the broker goes on
+        finally:
+            for waiter in (disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver):
+                waiter.cancel()
+            await asyncio.gather(
+                disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver, return_exceptions=True
+            )
+
+    async def _deliver_queued(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> None:
+        """Broadcast, in order, what the client sent before it left: amqtt acknowledged each on receipt.
+
+        Nothing here suspends (neither does a delivery, the ACL deciding in place): the session ends as soon as
+        in amqtt, so a client that reconnects at once finds it disconnected, not in a take-over.
+        """
+        first: list[Any] = []
+        if not wait_deliver.done():
+            # A wait cancelled before it took a message leaves it in the queue (asyncio.Queue.get).
+            wait_deliver.cancel()
+        elif not wait_deliver.cancelled() and wait_deliver.exception() is None:
+            first.append(wait_deliver.result())  # taken from the queue before the rest
+        queue = client_session.delivered_message_queue
+        for message in [*first, *(queue.get_nowait() for _ in range(queue.qsize()))]:
+            if message is None:
+                continue
+            delivered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            delivered.set_result(message)
+            if not await self._handle_message_delivery(client_session, handler, delivered):
+                return  # as amqtt: nothing after a publish that breaks the protocol
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        # In place, without amqtt's task per plugin: see the module (the broadcast loop relies on it).
+        return all(acl.allows(session, topic, action) for acl in self._acls)
 
     async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
         # amqtt publishes (and retains) a will without asking the ACL; a will is a publish like any other.
@@ -209,15 +286,20 @@ class AclPlugin(BaseTopicPlugin):  # type: ignore[misc]
         self._subscribe = config.subscribe
         self._accounts = frozenset(config.accounts)
 
-    async def topic_filtering(
-        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
-    ) -> bool:
+    def allows(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
+        """The check itself; it never suspends (GatewayBroker calls it in place)."""
         if session is None or not topic:
             return False
         who = identity(session, self._accounts)
         # Delivery (RECEIVE) is reading: the subscribe rules decide it too.
         granted = self._publish if action == Action.PUBLISH else self._subscribe
         return covers(granted.get(who, ()), topic)
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        # amqtt's plugin interface (it refuses a topic plugin without this coroutine); GatewayBroker calls `allows`.
+        return self.allows(session, topic, action)
 
 
 class GatewayAccountPlugin(BaseAuthPlugin):  # type: ignore[misc]
