@@ -146,6 +146,7 @@ class RawStore:
         self.gateway_id = gateway_id
         self.tariff = tariff
         self.seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+        self.added: list[str] = []  # this transaction's event bodies, for the outbox size
 
     def _emit(self, now: float, type_: str, **fields: Any) -> None:
         event = {
@@ -156,10 +157,12 @@ class RawStore:
             "type": type_,
             **fields,
         }
+        body = json.dumps(event, separators=(",", ":"))
         self.conn.execute(
             "INSERT INTO outbox (seq, event_id, type, created_at, body) VALUES (?, ?, ?, ?, ?)",
-            (self.seq, event["event_id"], type_, now, json.dumps(event, separators=(",", ":"))),
+            (self.seq, event["event_id"], type_, now, body),
         )
+        self.added.append(body)
         self.seq += 1
 
     def _refresh(self, now: float, slot: str, reason: str) -> None:
@@ -217,6 +220,11 @@ class RawStore:
             reservation_id=None,
         )
         self._emit(now, "session.confirmed", session_id=session_id, gate=GATE_IN)
+        # reconcile.session_confirmed: the arrival window starts; a vacancy countdown only if the sensor says vacant.
+        self.conn.execute("UPDATE sessions SET confirmed_timer = ? WHERE id = ?", (time.monotonic(), session_id))
+        self.conn.execute(
+            "SELECT t.sensor_state FROM sessions s JOIN slots t ON t.id = s.slot WHERE s.id = ?", (session_id,)
+        ).fetchone()
         self._refresh(now, slot, "session.started")
         self.conn.execute("RELEASE cmd")
 
@@ -248,6 +256,9 @@ class RawStore:
         )
         self.conn.execute("DELETE FROM exit_refusals WHERE session_id = ?", (session_id,))
         self._refresh(now, slot, "session.ended")
+        # reconcile.session_closed: no vacate countdown any more; a car still reported in the slot is someone else's.
+        self.conn.execute("DELETE FROM deadlines WHERE kind = ? AND subject = ?", ("session.vacate", session_id))
+        self.conn.execute("SELECT * FROM slots WHERE id = ?", (slot,)).fetchone()
         self.conn.execute("RELEASE cmd")
 
     def batch(self, cmds: list[tuple[bool, str]]) -> None:
@@ -260,6 +271,10 @@ class RawStore:
             else:
                 self.exit(now, p)
         self.conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(self.seq),))
+        self.conn.execute(
+            "UPDATE outbox_size SET rows = rows + ?, bytes = bytes + ?", (len(self.added), sum(map(len, self.added)))
+        )
+        self.added.clear()
         self.conn.execute("COMMIT")
 
 
