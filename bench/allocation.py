@@ -604,16 +604,16 @@ def main(argv: list[str] | None = None) -> None:
         reserved: list[ReservedResult] = []
         if args.reservations > 0:
             for sync in args.sync:
-                r = asyncio.run(
+                rr = asyncio.run(
                     measure_reserved(
                         root, args.reservation_slots, args.reservations, sync, args.clients, args.pairs,
                         args.warmup, args.repeat,
                     )
                 )  # fmt: skip
-                reserved.append(r)
+                reserved.append(rr)
                 print(
-                    f"{r.slots:>7,} {sync:<6} reserve {r.reserve_s:8,.0f}/s  pairs without {r.plain_pairs_s:8,.0f}"
-                    f"  with {r.reserved_pairs_s:8,.0f} ({r.ratio:.0%})",
+                    f"{rr.slots:>7,} {sync:<6} reserve {rr.reserve_s:8,.0f}/s  pairs without {rr.plain_pairs_s:8,.0f}"
+                    f"  with {rr.reserved_pairs_s:8,.0f} ({rr.ratio:.0%})",
                     file=sys.stderr,
                 )
         load_after = os.getloadavg()

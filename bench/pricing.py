@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import timeit
@@ -100,8 +101,8 @@ def main() -> None:
             got, want = fee(tariff, start, now, FACTOR), hour_by_hour(tariff, start, now, FACTOR)
             if got != want:
                 raise SystemExit(f"{name} {label}: fee() {got} != hour by hour {want}")
-            fast = _per_call_us(lambda t=tariff, s=start, n=now: fee(t, s, n, FACTOR), budget, repeat)
-            slow = _per_call_us(lambda t=tariff, s=start, n=now: hour_by_hour(t, s, n, FACTOR), budget, repeat)
+            fast = _per_call_us(functools.partial(fee, tariff, start, now, FACTOR), budget, repeat)
+            slow = _per_call_us(functools.partial(hour_by_hour, tariff, start, now, FACTOR), budget, repeat)
             print(f"| {name} | {label} | {fast:.1f} | {slow:.1f} | {slow / fast:.0f}x |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

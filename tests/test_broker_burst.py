@@ -13,9 +13,9 @@ from pathlib import Path
 
 import aiomqtt
 
-from gateway.app import broker_options
 from gateway.config import GatewayConfig, parse_config
 from gateway.mqtt.broker import BrokerOptions, EmbeddedBroker
+from gateway.mqtt.local import broker_options
 from tests.conftest import free_port
 from tests.harness import site_config
 
@@ -81,7 +81,7 @@ async def receive(sub: aiomqtt.Client, count: int) -> list[int]:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(DEADLINE):
             async for message in sub.messages:
-                got.append(int(bytes(message.payload)))  # type: ignore[arg-type]
+                got.append(int(bytes(message.payload)))
                 if len(got) == count:
                     break
     return got
@@ -174,7 +174,7 @@ async def test_what_a_client_sent_before_it_left_is_delivered_in_order(tmp_path:
                 async with asyncio.timeout(DEADLINE):
                     async for message in sub.messages:
                         if message.topic.value.startswith("sensors/"):
-                            got.append(f"{message.topic.value} {bytes(message.payload).decode()}")  # type: ignore[arg-type]
+                            got.append(f"{message.topic.value} {bytes(message.payload).decode()}")
                         if message.topic.value == "sensors/S2/will":
                             break
     expected = [f"sensors/{s}/state {n}" for s in ("S1", "S2") for n in range(count)]

@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from gateway.app import Gateway, broker_options
+from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_config
 from gateway.mqtt.broker import BrokerOptions, EmbeddedBroker, hash_password
+from gateway.mqtt.local import broker_options
 from tests.conftest import free_port
 
 R = "parking/gw1"
@@ -83,7 +84,8 @@ def gateway_login(options: BrokerOptions) -> tuple[str, str]:
 
 
 def as_gateway(options: BrokerOptions, ident: str = "gw", **kw: object) -> aiomqtt.Client:
-    return client(options, ident, *gateway_login(options), **kw)
+    user, password = gateway_login(options)
+    return client(options, ident, user, password, **kw)
 
 
 async def collect(c: aiomqtt.Client, count: int) -> list[str]:

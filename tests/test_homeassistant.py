@@ -232,7 +232,7 @@ async def test_discovery_on_the_upstream_broker(tmp_path: Path, mosquitto: Mosqu
             await ha.subscribe("ha/device/gw1_lot1/config", qos=1)
             async with asyncio.timeout(10):
                 message = await anext(aiter(ha.messages))
-            doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+            doc = json.loads(bytes(message.payload))
             check_device_discovery(message.topic.value, doc, "ha")
             assert doc["availability"][0]["topic"] == "central/gw1/status"
             assert doc["state_topic"] == "central/gw1/lots/lot1/availability"

@@ -419,6 +419,7 @@ async def test_mqtt5_response_topic_and_correlation_data(mosquitto: MosquittoPro
             await operator.publish("parking/gw1/request/availability", b"{}", qos=1, properties=props)
             request = await asyncio.wait_for(received.get(), DEADLINE)
             assert (request.response_topic, request.correlation_data) == ("replies/op", b"\x01\x02")
+            assert request.response_topic is not None
             link.publish(
                 request.response_topic,
                 b'{"status": "ok"}',

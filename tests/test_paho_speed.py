@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import MQTTException, Properties
+from paho.mqtt.properties import Properties
 
 from gateway.mqtt import paho_speed
 

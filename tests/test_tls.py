@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import datetime
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from structlog.testing import capture_logs
 
 from gateway.app import Gateway
@@ -94,7 +94,7 @@ def _leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
     )
@@ -112,10 +112,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
     ca_key, ca_cert, ca = _ca(directory, "site-ca")
     _, _, other_ca = _ca(directory, "other-ca")
-    server = _leaf(
-        directory, "server", ca_key, ca_cert, x509.ExtendedKeyUsageOID.SERVER_AUTH, [x509.DNSName("localhost")]
-    )
-    client = _leaf(directory, "client", ca_key, ca_cert, x509.ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    server = _leaf(directory, "server", ca_key, ca_cert, ExtendedKeyUsageOID.SERVER_AUTH, [x509.DNSName("localhost")])
+    client = _leaf(directory, "client", ca_key, ca_cert, ExtendedKeyUsageOID.CLIENT_AUTH, [])
     return Pki(ca, other_ca, *server, *client)
 
 
@@ -147,7 +145,9 @@ async def _ignore(_: Incoming) -> None:
 
 
 @contextlib.asynccontextmanager
-async def link(host: str, port: int, tls: TlsOptions | None) -> AsyncIterator[tuple[MqttLink, list[dict[str, Any]]]]:
+async def link(
+    host: str, port: int, tls: TlsOptions | None
+) -> AsyncIterator[tuple[MqttLink, list[MutableMapping[str, Any]]]]:
     """A running MqttLink and the log entries it wrote."""
     with capture_logs() as logs:
         mqtt = MqttLink(
@@ -161,7 +161,7 @@ async def link(host: str, port: int, tls: TlsOptions | None) -> AsyncIterator[tu
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def first_failure(logs: list[dict[str, Any]]) -> str:
+async def first_failure(logs: list[MutableMapping[str, Any]]) -> str:
     async with asyncio.timeout(DEADLINE):
         while True:
             for entry in logs:

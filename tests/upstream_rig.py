@@ -229,7 +229,7 @@ async def subscriber(
                     sub.connects += 1
                     subscribed.set()
                     async for message in client.messages:
-                        sub.add(json.loads(bytes(message.payload)))  # type: ignore[arg-type]
+                        sub.add(json.loads(bytes(message.payload)))
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.2)
 
