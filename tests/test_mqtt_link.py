@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import aiomqtt
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.mqtt.link import Incoming, LinkOptions, MqttLink
+from gateway.mqtt.link import Incoming, LinkOptions, MqttLink, Outlet
 
 STATUS = "parking/gw1/status"
 DEADLINE = 5.0
@@ -447,3 +450,38 @@ async def test_shutdown_sends_what_is_queued_before_offline(broker: Broker) -> N
                     got.append(bytes(message.payload))
     assert got[0] == b"online"
     assert got[1:] == [f"e{n}".encode() for n in range(500)] + [b"offline"]
+
+
+async def test_puback_does_not_make_paho_walk_its_in_flight_messages(
+    mosquitto: MosquittoProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The windows are the link's and the session hook's own: paho sends at once and, on a PUBACK, does not scan
+    every unacknowledged message for a queued one (O(window) per PUBACK, the drain's largest cost)."""
+    scans = 0
+    original = paho.Client._update_inflight
+
+    def counting(self: paho.Client) -> MQTTErrorCode:
+        nonlocal scans
+        scans += 1
+        return original(self)
+
+    monkeypatch.setattr(paho.Client, "_update_inflight", counting)
+    window = 256
+    codes: list[int] = []
+
+    async def session(outlet: Outlet) -> None:
+        inflight: deque[asyncio.Future[int]] = deque()
+        for n in range(3 * window):
+            if len(inflight) >= window:
+                codes.append(await inflight.popleft())
+            inflight.append(outlet.publish("parking/gw1/events", f"e{n}".encode()))
+        codes.extend([await f for f in inflight])
+
+    broker = _Mosquitto(mosquitto)
+    link = MqttLink(options(broker, extra_inflight=window), collector()[1], on_session=session)
+    async with observer(broker, "parking/gw1/events") as seen, running(link):
+        got = [bytes((await asyncio.wait_for(seen.get(), DEADLINE)).payload) for _ in range(3 * window)]
+        await until(lambda: len(codes) == 3 * window)
+    assert got == [f"e{n}".encode() for n in range(3 * window)]
+    assert codes == [0] * (3 * window)
+    assert scans == 0

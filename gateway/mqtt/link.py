@@ -360,7 +360,11 @@ class MqttLink:
             keepalive=opts.keepalive,
             timeout=opts.timeout,
             tls_context=client_context(opts.tls) if opts.tls is not None else None,
-            max_inflight_messages=inflight,
+            # No window inside paho: ours (_send_all's and the session hook's) bound what is in flight. With a
+            # paho window every PUBACK makes paho walk all its unacknowledged messages looking for one to send
+            # (`_update_inflight`, O(window)): about 33 µs per PUBACK at the forwarder's 256, the largest
+            # single cost of an outbox drain (bench/drain.py --profile). The queue bound stays as paho's belt.
+            max_inflight_messages=0,
             max_queued_outgoing_messages=2 * inflight,
             socket_options=(_NODELAY,),
         )
