@@ -21,10 +21,12 @@ import json
 import os
 import platform
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tty
 import uuid
@@ -34,8 +36,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.ingest import REPO, Mosquitto, _terminate, cpu_seconds, mqtt_client, wait_for_port
+from bench.ingest import NODELAY, REPO, Mosquitto, _terminate, cpu_seconds, mqtt_client, wait_for_port
 from drivers.gcp1 import Open, encode
 from gateway.store.schema import connect, db_path
 from simulators import rfc3339
@@ -88,14 +92,17 @@ per_hour = 250
 class Daemon:
     """`python -m gateway run` in its own process; its log goes to a file in the work directory."""
 
-    def __init__(self, workdir: Path, port: int, tty_path: Path, *, sensors: int, spare: int) -> None:
+    def __init__(
+        self, workdir: Path, port: int, tty_path: Path, *, sensors: int, spare: int, profile: Path | None
+    ) -> None:
         self.port = port
         config = workdir / "gateway.toml"
         config.write_text(site_toml(workdir / "state", port, tty_path, sensors=sensors, spare=spare))
         self.log_path = workdir / "gateway.log"
         self._log: IO[bytes] = self.log_path.open("wb")
+        prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            [sys.executable, *prof, "-m", "gateway", "run", "--config", str(config)],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -116,7 +123,7 @@ class Daemon:
         return self.log_path.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        _terminate(self.proc, timeout=30.0)
+        _terminate(self.proc, timeout=60.0)  # a profiled daemon writes its stats on the way out
         self._log.close()
 
 
@@ -238,53 +245,50 @@ async def raw_hop(port: int, tty_path: str) -> None:
             os.write(fd, encode(1, seq, Open(0)))
 
 
-async def load_publisher(port: int, rate: int, sensors: int) -> None:
+def load_publisher(port: int, rate: int, sensors: int) -> None:
     """Child: sensor reports at `rate` msgs/s (QoS 1, 64 in flight) until SIGTERM; then its stats as JSON.
 
     Round robin over the sensors; a sensor changes state every 5 of its reports (20 % transitions, as in
-    bench/ingest.py), far beyond the daemon's 0.05 s debounce at this rate.
+    bench/ingest.py), far beyond the daemon's 0.05 s debounce at this rate. paho directly, its network loop in
+    a thread: the load should cost the shared machine as little as possible besides what it costs the daemon.
     """
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ids = [f"S-{i:05d}" for i in range(1, sensors + 1)]
     tick = 0.01
     per_tick = max(1, round(rate * tick))
     sent = 0
     late = 0.0
-    async with mqtt_client(port, f"bench-load-{os.getpid()}") as client:
-        window = asyncio.Semaphore(64)
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(topic: str, payload: bytes) -> None:
-            try:
-                await client.publish(topic, payload, qos=1)
-            finally:
-                window.release()
-
-        print("ready", flush=True)
-        start = time.monotonic()
-        while not stop.is_set():
-            ts = rfc3339(time.time())
-            for _ in range(per_tick):
-                r, j = divmod(sent, sensors)
-                occupied = ((r + j) // 5) % 2 == 1
-                doc = {"occupied": occupied, "ts": ts, "seq": r + 1, "battery": 3.6}
-                await window.acquire()
-                task = asyncio.create_task(one(f"sensors/{ids[j]}/state", json.dumps(doc).encode()))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                sent += 1
-            due = start + sent / (per_tick / tick)
-            wait = due - time.monotonic()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait)
-            else:
-                late = max(late, -wait)
-        seconds = time.monotonic() - start
-        await asyncio.gather(*tasks)
-    print(json.dumps({"sent": sent, "seconds": seconds, "rate": sent / seconds, "max_behind_s": late}), flush=True)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-load-{os.getpid()}")
+    client.max_inflight_messages_set(64)
+    client.max_queued_messages_set(0)  # no bound: the pace is ours
+    client.connect("127.0.0.1", port, keepalive=30)
+    sock = client.socket()
+    assert isinstance(sock, socket.socket)
+    sock.setsockopt(*NODELAY)
+    client.loop_start()
+    print("ready", flush=True)
+    start = time.monotonic()
+    cpu0 = time.process_time()
+    while not stop.is_set():
+        ts = rfc3339(time.time())
+        for _ in range(per_tick):
+            r, j = divmod(sent, sensors)
+            occupied = ((r + j) // 5) % 2 == 1
+            doc = {"occupied": occupied, "ts": ts, "seq": r + 1, "battery": 3.6}
+            client.publish(f"sensors/{ids[j]}/state", json.dumps(doc).encode(), qos=1)
+            sent += 1
+        wait = start + sent / (per_tick / tick) - time.monotonic()
+        if wait > 0:
+            stop.wait(wait)
+        else:
+            late = max(late, -wait)
+    seconds = time.monotonic() - start
+    cpu = time.process_time() - cpu0
+    client.loop_stop()
+    client.disconnect()
+    doc = {"sent": sent, "seconds": seconds, "rate": sent / seconds, "max_behind_s": late, "cpu": cpu / seconds}
+    print(json.dumps(doc), flush=True)
 
 
 async def child(args: list[str]) -> asyncio.subprocess.Process:
@@ -337,6 +341,7 @@ class Options:
     warmup: int
     rate: int
     sensors: int
+    profile: Path | None
 
 
 async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
@@ -349,7 +354,7 @@ async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
     gw_stamps = OpenStamps(sim.line, sim_opens(sim))
     raw_stamps = OpenStamps(raw_line, raw_opens())
     spare = 2 * (opts.entries + opts.warmup) + 200
-    daemon = Daemon(root, broker.port, root / "ttyIN1", sensors=opts.sensors, spare=spare)
+    daemon = Daemon(root, broker.port, root / "ttyIN1", sensors=opts.sensors, spare=spare, profile=opts.profile)
     hop: asyncio.subprocess.Process | None = None
     loader: asyncio.subprocess.Process | None = None
     out: dict[str, Any] = {}
@@ -386,7 +391,8 @@ async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
                     await end_child(loader)
                     loader = None
                     out["load_publisher"] = stats
-                    _progress(f"load publisher: {stats['rate']:,.0f} msgs/s, {stats['sent']:,} messages")
+                    rate, sent, cpu = stats["rate"], stats["sent"], stats["cpu"]
+                    _progress(f"load publisher: {rate:,.0f} msgs/s, {sent:,} messages, CPU {cpu:.0%}")
                 out[f"daemon_cpu_{load}"] = daemon_cpu / wall
                 for path in ("raw", "gateway"):
                     r = row(path, load, got[path])
@@ -452,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sensors", type=int, default=1000, help="sensors the background load reports for (1000)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 100 entries per path and condition")
     ap.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON ('-': stdout)")
+    ap.add_argument("--profile", metavar="PATH", type=Path, help="run the daemon under cProfile, stats here")
     ap.add_argument("--raw-hop", nargs=2, metavar=("PORT", "TTY"), help=argparse.SUPPRESS)
     ap.add_argument("--load-publisher", nargs=3, type=int, metavar=("PORT", "RATE", "SENSORS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -459,13 +466,14 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(raw_hop(int(args.raw_hop[0]), args.raw_hop[1]))
         return
     if args.load_publisher is not None:
-        asyncio.run(load_publisher(*args.load_publisher))
+        load_publisher(*args.load_publisher)
         return
     if args.quick:
         args.entries, args.block, args.warmup = 100, 50, 5
     if min(args.entries, args.block, args.rate, args.sensors) < 1 or args.warmup < 0:
         ap.error("--entries, --block, --rate and --sensors must be positive, --warmup >= 0")
-    opts = Options(args.entries, args.block, args.warmup, args.rate, args.sensors)
+    profile = args.profile.resolve() if args.profile else None
+    opts = Options(args.entries, args.block, args.warmup, args.rate, args.sensors, profile)
 
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `finally` below runs, children included
     with tempfile.TemporaryDirectory(prefix="bench-lane-") as tmp:
@@ -485,11 +493,12 @@ def main(argv: list[str] | None = None) -> None:
         "nproc": os.cpu_count(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
-        "options": asdict(opts),
+        "options": {**asdict(opts), "profile": str(opts.profile) if opts.profile else None},
     }
     lp = results.get("load_publisher", {})
     print(
-        f"{opts.entries:,} entries per path and condition; load publisher {lp.get('rate', 0):,.0f} msgs/s; "
+        f"{opts.entries:,} entries per path and condition; load publisher {lp.get('rate', 0):,.0f} msgs/s "
+        f"(its CPU {lp.get('cpu', 0):.0%}); "
         f"daemon CPU {results['daemon_cpu_idle']:.0%} idle, {results['daemon_cpu_load']:.0%} under load; "
         f"{results['sessions_confirmed']:,} sessions confirmed; {version}; Python {platform.python_version()}; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after\n"
