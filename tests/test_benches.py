@@ -1,0 +1,40 @@
+"""Smoke runs of bench/lane.py and bench/drain.py with tiny numbers: they still start the real pieces, measure
+and check what they check (a drain that is not complete and in order exits non-zero). No time is asserted."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+    reason="mosquitto is not installed (.ci/run installs it)",
+)
+
+
+def run_bench(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_lane_bench_smoke() -> None:
+    out = run_bench("bench.lane", "--entries", "3", "--block", "3", "--warmup", "1", "--rate", "200")
+    rows = [line for line in out.splitlines() if line.startswith("| baseline") or line.startswith("| gateway")]
+    assert len(rows) == 4
+    assert "7 sessions confirmed" in out  # 1 warm-up + 3 idle + 3 under load, each passed the loops
+
+
+def test_drain_bench_smoke() -> None:
+    out = run_bench("bench.drain", "--events", "300", "--repeat", "1", "--live-seconds", "0.5")
+    assert out.count("| raw QoS 1 publish loop") == 2
+    assert out.count("| forwarder drain of the backlog") == 1
+    assert "complete and in order |" in out.splitlines()[-1]
