@@ -245,7 +245,7 @@ async def raw_hop(port: int, tty_path: str) -> None:
             os.write(fd, encode(1, seq, Open(0)))
 
 
-def load_publisher(port: int, rate: int, sensors: int) -> None:
+def load_publisher(port: int, rate: int, sensors: int, tick_us: int) -> None:
     """Child: sensor reports at `rate` msgs/s (QoS 1, 64 in flight) until SIGTERM; then its stats as JSON.
 
     Round robin over the sensors; a sensor changes state every 5 of its reports (20 % transitions, as in
@@ -255,7 +255,7 @@ def load_publisher(port: int, rate: int, sensors: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ids = [f"S-{i:05d}" for i in range(1, sensors + 1)]
-    tick = 0.01
+    tick = tick_us / 1e6
     per_tick = max(1, round(rate * tick))
     sent = 0
     late = 0.0
@@ -341,6 +341,7 @@ class Options:
     warmup: int
     rate: int
     sensors: int
+    tick: float
     profile: Path | None
 
 
@@ -369,7 +370,8 @@ async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
             rows: list[Row] = []
             for load in ("idle", "load"):
                 if load == "load":
-                    loader = await child(["--load-publisher", str(broker.port), str(opts.rate), str(opts.sensors)])
+                    load_args = [str(broker.port), str(opts.rate), str(opts.sensors), str(round(opts.tick * 1e6))]
+                    loader = await child(["--load-publisher", *load_args])
                     await asyncio.sleep(2.0)  # the daemon settles into the load
                 cpu0 = cpu_seconds(daemon.proc.pid)
                 t0 = time.monotonic()
@@ -460,7 +462,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON ('-': stdout)")
     ap.add_argument("--profile", metavar="PATH", type=Path, help="run the daemon under cProfile, stats here")
     ap.add_argument("--raw-hop", nargs=2, metavar=("PORT", "TTY"), help=argparse.SUPPRESS)
-    ap.add_argument("--load-publisher", nargs=3, type=int, metavar=("PORT", "RATE", "SENSORS"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--tick", type=float, default=0.01, help="the load publisher sends rate x tick messages every tick s (0.01)"
+    )
+    ap.add_argument(
+        "--load-publisher", nargs=4, type=int, metavar=("PORT", "RATE", "SENSORS", "US"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args(argv)
     if args.raw_hop is not None:
         asyncio.run(raw_hop(int(args.raw_hop[0]), args.raw_hop[1]))
@@ -470,10 +477,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.entries, args.block, args.warmup = 100, 50, 5
-    if min(args.entries, args.block, args.rate, args.sensors) < 1 or args.warmup < 0:
-        ap.error("--entries, --block, --rate and --sensors must be positive, --warmup >= 0")
+    if min(args.entries, args.block, args.rate, args.sensors) < 1 or args.warmup < 0 or args.tick <= 0:
+        ap.error("--entries, --block, --rate, --sensors and --tick must be positive, --warmup >= 0")
     profile = args.profile.resolve() if args.profile else None
-    opts = Options(args.entries, args.block, args.warmup, args.rate, args.sensors, profile)
+    opts = Options(args.entries, args.block, args.warmup, args.rate, args.sensors, args.tick, profile)
 
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `finally` below runs, children included
     with tempfile.TemporaryDirectory(prefix="bench-lane-") as tmp:
