@@ -1,7 +1,9 @@
 """`parking-gateway simulate`: sensors and cameras against a broker, for bench and field tests.
 
 Works without a gateway config; with `--config` it reads slots, sensors and gates from the TOML itself
-(simulators share nothing with the gateway's code).
+(simulators share nothing with the gateway's code). `--barriers DIR` adds a simulated GCP/1 barrier controller
+per gate on a pty at `DIR/<gate id>`, which the gateway's `[gates.serial] port` names; the traffic scenario then
+drives every car through its barrier.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import aiomqtt
 
 from simulators import make_client
+from simulators.barrier import STREET_TIMINGS, BarrierFleet, BarrierSim
 from simulators.cameras import CameraFormat, PlateCamera
 from simulators.sensors import SensorFleet, SimSensor
 from simulators.traffic import TrafficOptions, TrafficScenario, rush_hours
@@ -42,6 +45,8 @@ class Site:
     entry_cameras: list[str] = field(default_factory=list)
     exit_cameras: list[str] = field(default_factory=list)
     gate_by_camera: dict[str, str] = field(default_factory=dict)
+    # Gates with a barrier controller, by id: (the serial port the config names, or None; its address).
+    serial_gates: dict[str, tuple[str | None, int]] = field(default_factory=dict)
     gateway_id: str | None = None
     topic_root: str | None = None
 
@@ -82,8 +87,13 @@ def load_site(path: Path, lot: str | None = None) -> Site:
             for slot in ids:
                 site.sensor_by_slot[slot] = str(sensor) if sensor and len(ids) == 1 else slot
     for gate in doc.get("gates", []):
+        if gate.get("lot", site.lot) != site.lot:
+            continue
+        serial = gate.get("serial")
+        if isinstance(serial, dict):
+            site.serial_gates[str(gate["id"])] = (str(serial.get("port")), int(serial.get("address", 1)))
         camera = gate.get("camera")
-        if not camera or gate.get("lot", site.lot) != site.lot:
+        if not camera:
             continue
         site.gate_by_camera[camera] = str(gate["id"])
         (site.entry_cameras if gate.get("direction") == "entry" else site.exit_cameras).append(camera)
@@ -116,6 +126,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--park-delay", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"), help="gate to slot")
     a("--rush-hours", action="store_true", help="traffic scenario: scale arrivals by time of day")
     a("--heartbeat", type=float, help="every sensor reports its state again every S seconds")
+    a(
+        "--barriers",
+        type=Path,
+        metavar="DIR",
+        help="a simulated barrier controller per gate (with --config: per gate with [gates.serial]) on a pty at "
+        "DIR/<gate id>, where the gateway's serial port points; traffic then goes through the barriers",
+    )
     a("--duration", type=float, help="stop after S seconds (default: until interrupted)")
     a("--topic-root", help="the gateway's topic root (default from --config, else parking)")
     a("--gateway-id", help="the gateway id (default from --config, else demo)")
@@ -137,8 +154,27 @@ def _site(args: argparse.Namespace) -> Site:
     for n in range(1, args.cameras + 1):
         for kind, cameras in (("in", site.entry_cameras), ("out", site.exit_cameras)):
             site.gate_by_camera[f"cam-{kind}{n}"] = f"{kind}{n}"
+            site.serial_gates[f"{kind}{n}"] = (None, 1)
             cameras.append(f"cam-{kind}{n}")
     return site
+
+
+def barrier_fleet(directory: Path, site: Site) -> BarrierFleet:
+    """One controller per barrier gate of the site at `directory/<gate id>`; says on stderr where (and where the
+    config's port names another path, which the gateway would then never find)."""
+    fleet = BarrierFleet(
+        directory,
+        names=list(site.serial_gates),
+        addresses={gate: address for gate, (_, address) in site.serial_gates.items()},
+        timings=STREET_TIMINGS,
+    )
+    for gate, (port, address) in site.serial_gates.items():
+        path = directory / gate
+        note = f"barrier {gate}: {path} (address {address})"
+        if port is not None and Path(port).absolute() != path.absolute():
+            note += f"; warning: the config's port is {port}"
+        print(f"parking-gateway simulate: {note}", file=sys.stderr)
+    return fleet
 
 
 def _sensor_format(fmt: str, sensor_id: str, index: int) -> str:
@@ -149,6 +185,15 @@ def _sensor_format(fmt: str, sensor_id: str, index: int) -> str:
 
 
 async def _simulate(args: argparse.Namespace, site: Site, client: aiomqtt.Client) -> dict[str, int]:
+    if args.barriers is None:
+        return await _simulate_with(args, site, client, {})
+    async with barrier_fleet(args.barriers, site) as fleet:
+        return await _simulate_with(args, site, client, fleet.by_name)
+
+
+async def _simulate_with(
+    args: argparse.Namespace, site: Site, client: aiomqtt.Client, barriers: dict[str, BarrierSim]
+) -> dict[str, int]:
     rng = random.Random(args.seed)
     sensors = [
         SimSensor(s, "tts" if _sensor_format(args.format, s, i) == "tts" else "json")
@@ -170,7 +215,7 @@ async def _simulate(args: argparse.Namespace, site: Site, client: aiomqtt.Client
             await fleet.run_load(args.rate, args.duration)
             stats = {"published": fleet.published}
         else:
-            scenario = _traffic(args, site, client, fleet, rng)
+            scenario = _traffic(args, site, client, fleet, rng, barriers)
             await scenario.run(args.duration)
             stats = scenario.stats | {"published_sensor_messages": fleet.published}
         if beats is not None:
@@ -186,9 +231,11 @@ def site_traffic(
     *,
     camera_format: str = "mixed",
     misread_rate: float = 0.0,
+    barriers: dict[str, BarrierSim] | None = None,
     **options: Any,
 ) -> TrafficScenario:
-    """A traffic scenario over a site's cameras; `options` are TrafficOptions fields beyond the site's own."""
+    """A traffic scenario over a site's cameras (and barrier controllers, by gate id); `options` are
+    TrafficOptions fields beyond the site's own."""
     cameras: dict[str, PlateCamera] = {}
     for i, cam in enumerate((*site.entry_cameras, *site.exit_cameras)):
         fmt: CameraFormat = "json"
@@ -205,17 +252,23 @@ def site_traffic(
         gate_by_camera=site.gate_by_camera,
         **options,
     )
-    return TrafficScenario(client, fleet, cameras, traffic)
+    return TrafficScenario(client, fleet, cameras, traffic, barriers)
 
 
 def _traffic(
-    args: argparse.Namespace, site: Site, client: aiomqtt.Client, fleet: SensorFleet, rng: random.Random
+    args: argparse.Namespace,
+    site: Site,
+    client: aiomqtt.Client,
+    fleet: SensorFleet,
+    rng: random.Random,
+    barriers: dict[str, BarrierSim],
 ) -> TrafficScenario:
     return site_traffic(
         client,
         site,
         fleet,
         rng,
+        barriers=barriers,
         camera_format=args.camera_format,
         misread_rate=args.misread_rate,
         arrivals_per_min=args.arrivals_per_min,
@@ -239,6 +292,8 @@ async def run_from_args(args: argparse.Namespace) -> int:
             raise SiteError("the traffic scenario needs at least one entry and one exit camera")
         if not site.sensor_by_slot:
             raise SiteError("no sensors to simulate")
+        if args.barriers is not None and not site.serial_gates:
+            raise SiteError(f"--barriers: no gate of lot {site.lot} has a [gates.serial] table")
     except SiteError as e:
         print(f"parking-gateway simulate: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,12 @@
 
 The scenario learns the gateway's decisions only from the event stream (`<topic_root>/<gateway_id>/events`,
 contract §4): `session.started` / `entry.denied` for the car waiting longest at that entry gate,
-`session.ended` / `exit.unmatched` for the car at that exit gate. Some cars book ahead (`reserve`, and a share of
+`session.ended` / `exit.unmatched` for the car at that exit gate. At a gate with a simulated barrier controller
+(`barriers`, by gate id) cars queue one at a time: onto loop A, the camera reads the plate, and once the gateway
+has decided the car waits for the barrier to open (the gateway's OPEN on the serial line) and drives over loops A
+and B; the controller closes by itself behind it. A car refused or never let through backs out; an exit refused
+for payment (the sign says `PAY ...`, contract §6 under `deny`) pays at the pay station and is read again; an
+unmatched exit is let out by the attendant (`open_gate`). Some cars book ahead (`reserve`, and a share of
 those never come), some pay at a pay station before leaving (`quote`, then `pay` what is due): requests on
 `<topic_root>/<gateway_id>/request/<verb>`, answered on `.../response/<verb>` (contract §3.3).
 """
@@ -16,13 +21,14 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
 
+from simulators.barrier import BarrierSim, BarrierState, wire
 from simulators.cameras import PlateCamera, random_plate
 from simulators.sensors import SensorFleet
 
@@ -47,8 +53,15 @@ STAT_KEYS = (
     "paid",
     "paid_amount",
     "pay_failed",
+    "entry_passed",
+    "exit_passed",
+    "backed_out",
+    "pay_at_exit",
+    "attendant_opens",
 )
 REQUEST_TIMEOUT_S = 10.0
+PAY_SIGN = "sign.pay"  # not a gateway event: the exit sign asking for payment, as the driver sees it
+PAY_ATTEMPTS = 2  # an exit refused for payment pays and is read again at most this often, then the attendant
 
 
 def rush_hours(epoch: float) -> float:
@@ -90,6 +103,8 @@ class TrafficOptions:
     no_show_share: float = 0.0
     reserve_lead_s: tuple[float, float] = (5, 15)
     pay_share: float = 0.0
+    # Before the first car the attendant opens every barrier once by hand (`open_gate`), as at a shift's start.
+    barrier_check: bool = False
 
 
 @dataclass
@@ -108,6 +123,7 @@ class TrafficScenario:
         fleet: SensorFleet,
         cameras: dict[str, PlateCamera],
         options: TrafficOptions,
+        barriers: Mapping[str, BarrierSim] | None = None,
     ) -> None:
         missing = [c for c in (*options.entry_cameras, *options.exit_cameras) if c not in cameras]
         if missing:
@@ -121,6 +137,9 @@ class TrafficScenario:
         self.fleet = fleet
         self.cameras = cameras
         self.options = options
+        self.barriers = dict(barriers or {})
+        # One car at a time on a barrier lane's loops: the others queue behind it (asyncio.Lock is FIFO).
+        self._lanes = {gate: asyncio.Lock() for gate in self.barriers}
         self.root = f"{options.topic_root}/{options.gateway_id}"
         self.events_topic = f"{self.root}/events"
         self.responses_topic = f"{self.root}/response/+"
@@ -146,6 +165,8 @@ class TrafficScenario:
         try:
             async with deadline, asyncio.TaskGroup() as tg:
                 listener = tg.create_task(self._listen())
+                if self.options.barrier_check:
+                    await self._check_barriers()
                 await self._arrivals(tg)
                 while self._cars:
                     await asyncio.wait(set(self._cars))
@@ -155,6 +176,11 @@ class TrafficScenario:
                 raise
         await self.client.unsubscribe(self.events_topic)
         await self.client.unsubscribe(self.responses_topic)
+
+    async def _check_barriers(self) -> None:
+        body = {"reason": "shift start: barrier check", "actor": "attendant"}
+        replies = await asyncio.gather(*(self.request("open_gate", {"gate": g, **body}) for g in self.barriers))
+        self.stats["attendant_opens"] += sum(1 for r in replies if r is not None and r.get("status") == "ok")
 
     async def _arrivals(self, tg: asyncio.TaskGroup) -> None:
         opts = self.options
@@ -188,6 +214,86 @@ class TrafficScenario:
         finally:
             if waiting in queue:
                 queue.remove(waiting)
+
+    async def _enter(self, camera: str, waiting: _Waiting) -> Event | None:
+        """The entry decision; at a barrier lane the car also gets through, or backs out (then None)."""
+        gate = self.gate_of(camera)
+        queue = self._entries.setdefault(gate, deque())
+        sim = self.barriers.get(gate)
+        if sim is None:
+            return await self._decision(queue, waiting, camera)
+        async with self._lanes[gate]:
+            sim.vehicle_arrives()
+            decision = await self._decision(queue, waiting, camera)
+            if decision is not None and decision["type"] == "session.started":
+                if await self._drive_through(sim):
+                    self.stats["entry_passed"] += 1
+                    return decision
+                decision = None  # the barrier never opened: the gateway cancels the entry at the back-out
+            sim.vehicle_backs_out()
+            self.stats["backed_out"] += 1
+            return decision
+
+    async def _leave(self, camera: str, waiting: _Waiting) -> Event | None:
+        """The exit decision; at a barrier lane the car also gets out (paying or helped by the attendant)."""
+        gate = self.gate_of(camera)
+        queue = self._exits.setdefault(gate, deque())
+        sim = self.barriers.get(gate)
+        if sim is None:
+            return await self._decision(queue, waiting, camera)
+        async with self._lanes[gate]:
+            sim.vehicle_arrives()
+            decision = await self._barrier_exit(sim, queue, waiting, camera)
+            if decision is None or decision["type"] != "session.ended":
+                # Nobody decided to let this car out, yet it cannot stay on the loop: the attendant opens.
+                body = {"gate": gate, "reason": "attendant: exit not decided", "actor": "attendant"}
+                await self.request("open_gate", body)
+                self.stats["attendant_opens"] += 1
+            if await self._drive_through(sim):
+                self.stats["exit_passed"] += 1
+            else:
+                sim.vehicle_backs_out()
+                self.stats["backed_out"] += 1
+            return decision
+
+    async def _barrier_exit(
+        self, sim: BarrierSim, queue: deque[_Waiting], waiting: _Waiting, camera: str
+    ) -> Event | None:
+        """Read at an exit barrier until decided. A refusal for payment shows only on the sign (`PAY 3.00 EUR`):
+        then the driver pays what is due at the pay station and the camera reads the plate again."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(PAY_ATTEMPTS + 1):
+            sign = loop.create_task(self._pay_sign(sim, len(sim.received), waiting.decision))
+            try:
+                decision = await self._decision(queue, waiting, camera)
+            finally:
+                sign.cancel()
+            if decision is None or decision["type"] != PAY_SIGN:
+                return decision
+            self.stats["pay_at_exit"] += 1
+            if waiting.session_id is None or attempt == PAY_ATTEMPTS:
+                break
+            await self._pay(waiting.session_id)
+            waiting.decision = loop.create_future()
+        return None
+
+    @staticmethod
+    async def _pay_sign(sim: BarrierSim, mark: int, decision: asyncio.Future[Event]) -> None:
+        """What the driver sees: the sign asks for payment (a DISPLAY `PAY ...` after `mark`) — as a decision."""
+
+        def asked() -> bool:
+            return any(c.cmd == wire.DISPLAY and c.payload.startswith(b"PAY ") for c in sim.received[mark:])
+
+        await sim.wait_until(asked)
+        if not decision.done():
+            decision.set_result({"type": PAY_SIGN, "sign": sim.display_text})
+
+    async def _drive_through(self, sim: BarrierSim) -> bool:
+        """Wait for the barrier to be open, then over loops A and B; False when it does not open in time."""
+        if not await sim.wait_until(lambda: sim.barrier == BarrierState.OPEN, self.options.decision_timeout_s):
+            return False
+        await sim.vehicle_passes()
+        return True
 
     async def _car(self, plate: str) -> None:
         try:
@@ -250,9 +356,8 @@ class TrafficScenario:
         opts, rng, loop = self.options, self.rng, asyncio.get_running_loop()
         if rng.random() < opts.reservation_share and not await self._book(plate):
             return
-        camera = rng.choice(opts.entry_cameras)
         entry = _Waiting(plate, loop.create_future())
-        started = await self._decision(self._entries.setdefault(self.gate_of(camera), deque()), entry, camera)
+        started = await self._enter(rng.choice(opts.entry_cameras), entry)
         if started is None:
             self.stats["no_decision"] += 1
             return
@@ -286,10 +391,9 @@ class TrafficScenario:
         if isinstance(session_id, str) and rng.random() < opts.pay_share:
             await self._pay(session_id)
         await asyncio.sleep(rng.uniform(*opts.exit_delay_s))
-        camera = rng.choice(opts.exit_cameras)
         leaving = _Waiting(plate, loop.create_future(), started.get("session_id"))
         self.stats["exit_reads"] += 1
-        ended = await self._decision(self._exits.setdefault(self.gate_of(camera), deque()), leaving, camera)
+        ended = await self._leave(rng.choice(opts.exit_cameras), leaving)
         if ended is None:
             self.stats["exit_no_decision"] += 1
         elif ended["type"] == "exit.unmatched":

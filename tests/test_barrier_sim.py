@@ -320,6 +320,26 @@ async def test_a_fleet_of_controllers_at_their_paths(tmp_path: Path) -> None:
     assert not any(p.exists() for p in (tmp_path / "dev").iterdir())
 
 
+async def test_a_fleet_by_gate_names_and_a_car_waiting_for_the_barrier(tmp_path: Path) -> None:
+    fleet = BarrierFleet(tmp_path / "dev", names=["in1", "out1"], addresses={"out1": 7}, timings=QUICK)
+    async with fleet:
+        assert sorted(fleet.by_name) == ["in1", "out1"] and fleet.by_name["out1"].address == 7
+        sim = fleet.by_name["in1"]
+        host = Host(sim.path)
+        try:
+            sim.vehicle_arrives()
+            # What the traffic scenario does: wait, without polling, for the host's OPEN to lift the barrier.
+            waiting = asyncio.ensure_future(sim.wait_until(lambda: sim.barrier == BarrierState.OPEN, timeout=5))
+            assert await sim.wait_until(lambda: False, timeout=0.05) is False
+            assert not waiting.done()
+            host.command(Open(0))
+            assert await waiting
+            await sim.vehicle_passes()
+        finally:
+            host.close()
+    assert not any((tmp_path / "dev").iterdir())
+
+
 async def test_frames_for_other_addresses_are_ignored(sim: BarrierSim, host: Host) -> None:
     host.send(encode_frame(2, 3, Cmd.OPEN, b"\x00"))
     host.send(encode_frame(1, 4, 0x42, b""))  # a command it does not know

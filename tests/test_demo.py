@@ -22,10 +22,13 @@ from gateway.demo.view import CLEAR_HOME, LiveView
 from gateway.mqtt.broker import BrokerStartError
 from simulators import make_client
 from tests.conftest import MosquittoProcess, free_port
+from tests.harness import R, observer
 
 DEMO_SLOTS = 120
 SUMMARY = re.compile(r"cars: (\d+) arrived, (\d+) entered, (\d+) left, (\d+) denied")
 LOWEST = re.compile(r"availability lot1: (\d+)/(\d+) available.*\(lowest available seen: (\d+)\)")
+GATE = re.compile(r"gate (\S+): opened (once|\d+ times), closed (once|\d+ times) \((\d+) OPENs")
+DEMO_GATES = {"in1", "in2", "out1", "out2"}
 
 
 def demo_cmd(*args: str) -> list[str]:
@@ -49,6 +52,10 @@ def read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> 
     return seen
 
 
+def times(text: str) -> int:
+    return 1 if text == "once" else int(text.split()[0])
+
+
 def check_summary(out: str) -> tuple[int, int]:
     """(cars entered, lowest availability seen) from the final summary."""
     assert "demo summary" in out
@@ -59,7 +66,8 @@ def check_summary(out: str) -> tuple[int, int]:
 
 
 def test_demo_runs_for_its_duration_and_stops_cleanly() -> None:
-    res = subprocess.run(demo_cmd("--duration", "8"), capture_output=True, text=True, timeout=90)
+    # 20 s: the first cars leave after about 12 s, so that the exits' barriers have served cars too.
+    res = subprocess.run(demo_cmd("--duration", "20"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     # Not a terminal: plain lines, never escape codes.
@@ -72,6 +80,16 @@ def test_demo_runs_for_its_duration_and_stops_cleanly() -> None:
     booked = re.search(r"reservations: (\d+) booked .*pay station: (\d+) paid", res.stdout)
     assert booked is not None and int(booked[1]) > 0, res.stdout
     assert "revenue so far:" in res.stdout
+    # Every gate's barrier is a simulated controller on a pty that the gateway drove over GCP/1: each opened and
+    # closed (the attendant opens each once at the start; cars through the entries, and later the exits).
+    gates = {m[1]: (times(m[2]), times(m[3]), int(m[4])) for m in GATE.finditer(res.stdout)}
+    assert set(gates) == DEMO_GATES, res.stdout
+    assert all(opened >= 1 and closed >= 1 and opens >= 1 for opened, closed, opens in gates.values()), gates
+    through = re.search(r"barriers: (\d+) cars in and (\d+) out through them", res.stdout)
+    assert through is not None and int(through[1]) > 0, res.stdout
+    frames = re.search(r"(\d+) serial frames", res.stdout)
+    assert frames is not None and int(frames[1]) > 0
+    assert re.search(r"gates in1 \w+ \d+/\d+, in2", res.stdout)  # the plain lines show the gates too
     store = re.search(r"store (\S+) \(temporary\)", res.stdout)
     assert store is not None and not Path(store[1]).exists()
 
@@ -220,3 +238,92 @@ def test_view_counts_reservations_and_revenue() -> None:
     assert view.revenue_line() == ("revenue so far: 5.50 EUR (paid at pay stations 3.00 EUR, billed at exit 2.50 EUR)")
     assert view.reservations_line() == "reservations: 1 created, 0 arrived, 0 moved, 1 no-show, 0 cancelled"
     assert "revenue so far: 5.50 EUR" in view.frame() and "1 no-show" in view.frame()
+
+
+def barrier_site(tmp_path: Path, port: int, barriers: Path) -> Path:
+    """A gateway config on the external broker whose two gates name the ptys of `simulate --barriers`."""
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        f'[gateway]\nid = "gw1"\nstate_dir = "{tmp_path / "state"}"\n'
+        f"[broker]\nembedded = false\nport = {port}\n"
+        '[[lots]]\nid = "lot1"\n[[lots.zones]]\nid = "A"\nslots = [{ ids = "A-001..A-010" }]\n'
+        '[[gates]]\nid = "in1"\nlot = "lot1"\ndirection = "entry"\ncamera = "cam-in1"\n'
+        f'serial = {{ port = "{barriers / "in1"}" }}\n'
+        '[[gates]]\nid = "out1"\nlot = "lot1"\ndirection = "exit"\ncamera = "cam-out1"\n'
+        f'serial = {{ port = "{barriers / "out1"}" }}\n'
+        '[[tariffs]]\nlot = "lot1"\ncurrency = "EUR"\nper_hour = 250\n'
+    )
+    return path
+
+
+async def test_simulate_with_barriers_drives_cars_through_a_separate_gateway(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    barriers = tmp_path / "barriers"
+    config = barrier_site(tmp_path, mosquitto.port, barriers)
+    log = (tmp_path / "gateway.log").open("wb")
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(config), stdout=log, stderr=log
+    )
+    try:
+        async with observer(mosquitto.port) as obs:
+            await obs.wait_for(lambda: obs.state(f"{R}/status") == "online", timeout=30)
+            sim = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", "simulate", "--port", str(mosquitto.port), "--config", str(config),
+                "--barriers", str(barriers), "--scenario", "traffic", "--arrivals-per-min", "30",
+                "--dwell", "1", "2", "--park-delay", "0.5", "1", "--duration", "12",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(sim.communicate(), 60)
+            assert sim.returncode == 0, err.decode()
+            confirmed = obs.events("session.confirmed")
+            opened = {e["gate"] for e in obs.events("gate.opened")}
+    finally:
+        if gateway.returncode is None:
+            gateway.terminate()
+        await asyncio.wait_for(gateway.wait(), 30)
+        log.close()
+    stats = json.loads(out.decode().strip().splitlines()[-1])
+    assert f"barrier in1: {barriers / 'in1'}" in err.decode()
+    # A car entered through the barrier: the gateway opened it and confirmed the session on the controller's
+    # PASSED (a camera read alone never confirms an entry at a barrier gate).
+    assert stats["entered"] > 0 and stats["entry_passed"] > 0 and stats["backed_out"] == 0, stats
+    assert confirmed and all(e["gate"] == "in1" for e in confirmed)
+    assert "in1" in opened and ("out1" in opened or not stats["exit_passed"])
+    # `exit_unpaid = "deny"` (the default): the exit's sign asked for the fee, the driver paid, was read again.
+    assert stats["pay_at_exit"] >= stats["exit_passed"] and stats["paid"] >= stats["exit_passed"], stats
+    assert not any(barriers.iterdir())  # the ptys went with the simulator
+    audit = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "audit", "--config", str(config), stdout=subprocess.PIPE
+    )
+    report, _ = await asyncio.wait_for(audit.communicate(), 60)
+    assert audit.returncode == 0, report.decode()
+
+
+def test_view_shows_each_gate_and_counts_its_openings_and_closings() -> None:
+    view = LiveView("parking/demo", io.StringIO(), tty=False)
+    # Up 3 times (once a closing reversed by a car), down twice; from offline to closed is no closing.
+    moves = "offline closed opening open closed open closing opening open closing closed".split()
+    for barrier in moves:
+        doc = {"gate": "in1", "barrier": barrier, "mode": "normal", "vehicle_present": barrier == "opening"}
+        view.handle("parking/demo/gates/in1", json.dumps(doc).encode())
+    # out1 opens on the OPEN the gateway sent before its first STATUS; its controller goes away and comes back open.
+    for n, barrier in enumerate("offline opening open offline open".split()):
+        doc = {"gate": "out1", "barrier": barrier, "ts": f"2026-12-01T10:00:0{n}.000Z"}
+        view.handle("parking/demo/gates/out1", json.dumps(doc).encode())
+    stale = {"gate": "out1", "barrier": "closed", "ts": "2026-12-01T09:59:59.000Z"}
+    view.handle("parking/demo/gates/out1", json.dumps(stale).encode())  # a retained copy, late: ignored
+    view.handle("parking/demo/gates/in1/open", b"{}")  # Home Assistant's command topic: not a state
+    for event in (
+        {"seq": 1, "type": "gate.opened", "gate": "in1", "reason": "entry"},
+        {"seq": 2, "type": "gate.opened", "gate": "in1", "reason": "manual", "actor": "attendant"},
+        {"seq": 3, "type": "gate.opened", "gate": "out1", "reason": "exit"},
+    ):
+        view.handle("parking/demo/events", json.dumps(event).encode())
+    assert view.gate_lines() == [
+        "gate in1: opened 3 times, closed 2 times (2 OPENs, 1 by hand); now closed, mode normal, no vehicle",
+        "gate out1: opened once, closed 0 times (1 OPENs, 0 by hand); now open, mode unknown, no vehicle",
+    ]
+    assert "gates in1 closed 3/2, out1 open 1/0 (opened/closed)" in view.summary_line()
+    frame = view.frame()
+    assert "gates:" in frame and "in1      closed   normal        -        up 3    down 2    OPENs 2" in frame

@@ -1,8 +1,10 @@
 """`parking-gateway demo`: the bundled demo site with its gateway, embedded broker and simulated devices.
 
-One process, one event loop: the gateway (which starts the embedded broker), a live view fed by the
-gateway's MQTT topics, and, once the gateway reports `online`, a sensor fleet, plate cameras and a
-traffic scenario against that broker. Stops on SIGINT/SIGTERM or after `duration` seconds.
+One process, one event loop: a simulated GCP/1 barrier controller per gate on a pty pair (under the state
+directory; the config it runs with points each gate's serial port there), the gateway (which starts the embedded
+broker), a live view fed by the gateway's MQTT topics, and, once the gateway reports `online`, a sensor fleet,
+plate cameras and a traffic scenario against that broker that drives each car through its gate's barrier.
+Stops on SIGINT/SIGTERM or after `duration` seconds.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import aiomqtt
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, bundled_demo_path, load_config
+from gateway.config.gates import SerialConfig
 from gateway.demo.view import LiveView
 from gateway.mqtt.broker import BrokerStartError
 from simulators import make_client
+from simulators.barrier import STREET_TIMINGS, BarrierFleet, BarrierSim
 from simulators.cameras import PlateCamera
 from simulators.cli import Site, load_site, site_traffic
 from simulators.sensors import SensorFleet, SimSensor
@@ -90,6 +94,11 @@ def choose_port(host: str, configured: int, requested: int | None) -> tuple[int,
     return port, f"{configured} is in use, so a free port"
 
 
+def barrier_dir(state_dir: Path) -> Path:
+    """Where the demo's barrier controllers have their ptys: `<dir>/<gate id>`."""
+    return state_dir / "barriers"
+
+
 def demo_config(base: GatewayConfig, port: int, state_dir: Path) -> GatewayConfig:
     # The simulated pay station and booking clients are anonymous, like the devices: on the demo's loopback
     # broker they may also request (the default rule lets anonymous clients only publish device input).
@@ -98,7 +107,14 @@ def demo_config(base: GatewayConfig, port: int, state_dir: Path) -> GatewayConfi
     acl.write_text("topic readwrite #\n")
     broker = base.broker.model_copy(update={"port": port, "acl_file": str(acl)})
     gateway = base.gateway.model_copy(update={"state_dir": str(state_dir)})
-    return base.model_copy(update={"broker": broker, "gateway": gateway})
+    # Every gate talks GCP/1 to its simulated controller (the bundled config has no serial ports, so that
+    # `run` without a config does not wait for barriers that are not there).
+    gates = []
+    for gate in base.gates:
+        tty = {"port": str(barrier_dir(state_dir) / gate.id)}
+        serial = gate.serial.model_copy(update=tty) if gate.serial else SerialConfig.model_validate(tty)
+        gates.append(gate.model_copy(update={"serial": serial}))
+    return base.model_copy(update={"broker": broker, "gateway": gateway, "gates": gates})
 
 
 async def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
@@ -135,6 +151,13 @@ class _Demo:
         self.rng = random.Random(options.seed)
         self.fleet: SensorFleet | None = None
         self.cameras: dict[str, PlateCamera] = {}
+        self.barriers = BarrierFleet(
+            barrier_dir(Path(config.gateway.state_dir)),
+            names=[g.id for g in config.gates if g.serial is not None],
+            addresses={g.id: g.serial.address for g in config.gates if g.serial is not None},
+            timings=STREET_TIMINGS,
+        )
+        self.controllers: list[BarrierSim] = []  # kept past the fleet's close, for the summary's counts
         self.scenario: TrafficScenario | None = None
         self.failure: str | None = None
         self.went_online = False
@@ -149,6 +172,8 @@ class _Demo:
         return {
             "sensor msgs": self.fleet.published if self.fleet else 0,
             "camera reads": sum(c.reads for c in self.cameras.values()),
+            # Frames the gateway sent the barrier controllers (commands and ACKs of their events).
+            "serial frames": sum(len(sim.received) for sim in self.controllers),
         }
 
     async def run(self) -> int:
@@ -165,6 +190,9 @@ class _Demo:
             loop.add_signal_handler(sig, interrupt)
         started = time.monotonic()
         try:
+            # The controllers are plugged in before the gateway opens their ports, and unplugged after it closed them.
+            await self.barriers.start()
+            self.controllers = list(self.barriers.sims)
             gw = Gateway(self.config)
             async with asyncio.TaskGroup() as tg:
                 gateway = tg.create_task(gw.run(), name="gateway")
@@ -182,6 +210,7 @@ class _Demo:
                     self.failure = "the gateway stopped by itself"
                 gw.stop()
         finally:
+            await self.barriers.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         if self.failure is None and not self.went_online and not interrupted:
@@ -221,8 +250,11 @@ class _Demo:
                     tg.create_task(self.view.follow(view_client))
                     await self.view.online.wait()
                     self.went_online = True
+                    # Cars come once every barrier controller talks to the gateway (its port opens with a backoff).
+                    await self.view.gates_online(self.barriers.by_name)
             except TimeoutError:
-                self.failure = f"the gateway did not report online within {ONLINE_TIMEOUT_S:.0f} s"
+                what = "its barrier controllers online" if self.went_online else "online"
+                self.failure = f"the gateway did not report {what} within {ONLINE_TIMEOUT_S:.0f} s"
                 stop.set()
                 return
             sim_client = await self._connect(stack, "parking-demo-sim")
@@ -261,6 +293,8 @@ class _Demo:
             no_show_share=NO_SHOW_SHARE,
             reserve_lead_s=RESERVE_LEAD_S,
             pay_share=PAY_SHARE,
+            barriers=self.barriers.by_name,
+            barrier_check=True,
         )
         self.cameras = self.scenario.cameras
         return self.scenario
@@ -278,6 +312,9 @@ class _Demo:
             f"{stats.get('no_decision', 0) + stats.get('exit_no_decision', 0)} without a decision",
             f"  reservations: {stats.get('reserved', 0)} booked ({stats.get('no_show', 0)} no-shows), "
             f"{stats.get('reserve_refused', 0)} refused; pay station: {stats.get('paid', 0)} paid",
+            f"  barriers: {stats.get('entry_passed', 0)} cars in and {stats.get('exit_passed', 0)} out through them, "
+            f"{stats.get('backed_out', 0)} backed out, {stats.get('attendant_opens', 0)} opened by the attendant",
+            *("  " + line for line in view.gate_lines()),
             "  " + view.revenue_line(),
             f"  events seen: {view.events_seen}" + (f" ({by_type})" if by_type else ""),
             f"  device messages: {sum(self._counters().values())} "

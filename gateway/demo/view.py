@@ -1,8 +1,10 @@
 """A live terminal view of one gateway, fed only by its MQTT topics (contract §3.2, §4).
 
-It subscribes to `R/status`, `R/lots/+/availability`, `R/events` and `R/health`; reserved slots come from the
-availability documents, reservations and revenue from the events (`reservation.*`, `session.ended` fees,
-`payment.confirmed`, `payment.requested`). The only other input is
+It subscribes to `R/status`, `R/lots/+/availability`, `R/gates/+`, `R/events` and `R/health`; reserved slots
+come from the availability documents, reservations and revenue from the events (`reservation.*`, `session.ended`
+fees, `payment.confirmed`, `payment.requested`), each gate's barrier, mode and vehicle from its retained state and
+how often it went up and down from the changes of that state, the OPENs the gateway decided from the `gate.opened`
+events. The only other input is
 an optional callable returning monotonic counters (e.g. a simulator's published messages) shown as rates.
 On a terminal it redraws in place (ANSI clear-and-home, at most 4 times a second); elsewhere (CI, pipes)
 it prints one plain summary line every 2 s, without escape codes.
@@ -15,7 +17,7 @@ import json
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TextIO
 
 import aiomqtt
@@ -35,6 +37,9 @@ COUNT_KEYS = ("available", "occupied", "reserved", "blocked")
 # The fields that tell one event line apart, in the order they are shown (contract §4).
 RESERVATION_KINDS = ("created", "arrived", "moved", "no_show", "cancelled")
 EVENT_FIELDS = ("slot", "from_slot", "to_slot", "gate", "zone", "reason", "code", "reservation_id")
+# A barrier that reaches `closed` from one of these closed once (from `offline` it only came back); one that
+# is `opening`, or `open` straight from `closed` or `closing`, opened once (`open` after `offline` came back).
+MOVING = frozenset({"opening", "open", "closing"})
 
 
 def _count(doc: Mapping[str, Any], key: str) -> int:
@@ -68,6 +73,10 @@ def event_line(event: Mapping[str, Any]) -> str:
     if event.get("type") == "alert" and isinstance(event.get("subject"), dict):
         parts += [f"{k}={v}" for k, v in event["subject"].items()]
     return " ".join(parts).rstrip()
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
 
 
 class _Rate:
@@ -121,10 +130,19 @@ class LiveView:
         self.revenue: Counter[str] = Counter()
         self.paid: Counter[str] = Counter()
         self.billed: Counter[str] = Counter()
+        # Per gate: its latest R/gates document; openings and closings seen in those; OPENs audited (gate.opened),
+        # and of those the manual ones (open_gate).
+        self.gates: dict[str, dict[str, Any]] = {}
+        self.gate_opened: Counter[str] = Counter()
+        self.gate_closed: Counter[str] = Counter()
+        self.gate_opens: Counter[str] = Counter()
+        self.gate_manual: Counter[str] = Counter()
+        self._gate_change = asyncio.Event()  # set (and replaced) at every gate state
 
     @property
     def filters(self) -> list[str]:
-        return [f"{self.root}/status", f"{self.root}/lots/+/availability", f"{self.root}/events", f"{self.root}/health"]
+        r = self.root
+        return [f"{r}/status", f"{r}/lots/+/availability", f"{r}/gates/+", f"{r}/events", f"{r}/health"]
 
     # ---- input ------------------------------------------------------------------------------------
 
@@ -158,17 +176,41 @@ class LiveView:
             self._event(doc)
         elif rest == "health":
             self.health = doc
+        elif rest.startswith("gates/") and rest.count("/") == 1:
+            self._gate(rest.removeprefix("gates/"), doc)
         elif rest.startswith("lots/") and rest.endswith("/availability"):
             lot = rest.removeprefix("lots/").removesuffix("/availability")
             self.availability[lot] = doc
             available = _count(doc, "available")
             self.lowest_available[lot] = min(self.lowest_available.get(lot, available), available)
 
+    def _gate(self, gate: str, doc: dict[str, Any]) -> None:
+        last = self.gates.get(gate, {})
+        if str(doc.get("ts", "")) < str(last.get("ts", "")):
+            return  # older than what is shown (a retained copy delivered after a newer live one): not a change
+        before, now = last.get("barrier"), doc.get("barrier")
+        if now == "closed" and before in MOVING:
+            self.gate_closed[gate] += 1
+        elif (now == "opening" and before != now) or (now == "open" and before in ("closed", "closing")):
+            self.gate_opened[gate] += 1
+        self.gates[gate] = doc
+        self._gate_change.set()
+        self._gate_change = asyncio.Event()
+
+    async def gates_online(self, gates: Collection[str]) -> None:
+        """Return once each of `gates` has a barrier state other than `offline` (its controller talks)."""
+        while any(self.gates.get(g, {}).get("barrier") in (None, "offline") for g in gates):
+            await self._gate_change.wait()
+
     def _event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         self.events_seen += 1
         kind = str(event.get("type", "?"))
         self.events_by_type[kind] += 1
+        if kind == "gate.opened" and isinstance(event.get("gate"), str):
+            self.gate_opens[event["gate"]] += 1
+            if event.get("reason") == "manual":
+                self.gate_manual[event["gate"]] += 1
         money = event.get("fee") if kind == "session.ended" else event
         if isinstance(money, dict):
             amount, currency = money.get("amount"), money.get("currency")
@@ -221,11 +263,46 @@ class LiveView:
                     ]
         if not self.availability:
             lines += ["", "no availability published yet"]
+        if self.gates:
+            lines += ["", "gates:"] + ["  " + self.gate_row(g) for g in self.gate_ids()]
         lines += ["", self.reservations_line(), self.revenue_line()]
         gaps = f", {self.seq_gaps} missing by seq" if self.seq_gaps else ""
         lines += ["", f"events: {self.events_seen} seen{gaps}; latest:"]
         lines += ["  " + event_line(e) for e in reversed(self.events)]
         return "\n".join(line[:width] for line in lines)
+
+    def gate_ids(self) -> list[str]:
+        return sorted(set(self.gates) | set(self.gate_opens))
+
+    def gate_row(self, gate: str) -> str:
+        """`in1      open     normal        vehicle  up 4    down 3    OPENs 12`: one line of the terminal view."""
+        doc = self.gates.get(gate, {})
+        vehicle = "vehicle" if doc.get("vehicle_present") is True else "-"
+        return (
+            f"{gate:<8} {doc.get('barrier', '?')!s:<8} {doc.get('mode', '?')!s:<13} {vehicle:<8} "
+            f"up {self.gate_opened[gate]:<4} down {self.gate_closed[gate]:<4} OPENs {self.gate_opens[gate]}"
+        )
+
+    def gates_text(self) -> str:
+        """`gates in1 open 5/4, out1 closed 2/2 (opened/closed)`: every gate, for a plain line."""
+        parts = [
+            f"{g} {self.gates.get(g, {}).get('barrier', '?')} {self.gate_opened[g]}/{self.gate_closed[g]}"
+            for g in self.gate_ids()
+        ]
+        return "gates " + ", ".join(parts) + " (opened/closed)"
+
+    def gate_lines(self) -> list[str]:
+        """Per gate, for a summary: how often it opened and closed, on whose OPENs, and how it was left."""
+        lines = []
+        for gate in self.gate_ids():
+            doc = self.gates.get(gate, {})
+            vehicle = "a vehicle on its loops" if doc.get("vehicle_present") is True else "no vehicle"
+            lines.append(
+                f"gate {gate}: opened {_times(self.gate_opened[gate])}, closed {_times(self.gate_closed[gate])} "
+                f"({self.gate_opens[gate]} OPENs, {self.gate_manual[gate]} by hand); "
+                f"now {doc.get('barrier', 'unknown')}, mode {doc.get('mode', 'unknown')}, {vehicle}"
+            )
+        return lines
 
     def reservations_line(self) -> str:
         counts = {k: self.events_by_type.get(f"reservation.{k}", 0) for k in RESERVATION_KINDS}
@@ -248,6 +325,8 @@ class LiveView:
         for lot, doc in sorted(self.availability.items()):
             parts.append(f"{lot}: {_count(doc, 'available')}/{_count(doc, 'total')} available")
         parts.append(f"events={self.events_seen}")
+        if self.gates:
+            parts.append(self.gates_text())
         if self.revenue:
             parts.append(self.revenue_line().removesuffix(")").replace(" (", "; "))
         parts.append(self._rates_text())

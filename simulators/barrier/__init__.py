@@ -20,10 +20,13 @@ STATUS (seq 0) every `timings.status_interval`; EVENTs resent every `timings.eve
 the controller's own seq 1..255, `events_in_flight` (1) at a time so they keep their order; PING answered by a
 STATUS with its seq. Several controllers can share one `PtyLine` (multi-drop, by address). `Noise` injects
 garbage, corrupted and truncated frames, and losses on the way in; `drop_acks(n)` / `lose_host_acks(n)` lose
-exact frames. `BarrierFleet(directory, n)` starts n controllers, each on its own pty, and returns their paths.
+exact frames. `BarrierFleet(directory, n)` starts n controllers, each on its own pty, and returns their paths
+(`names=` instead: one per name, e.g. gate id, at `directory/<name>`); `await sim.wait_until(lambda: ...)` waits
+for the barrier or the host without polling.
 """
 
 from simulators.barrier.controller import (
+    STREET_TIMINGS,
     BarrierFleet,
     BarrierSim,
     BarrierState,
@@ -37,6 +40,7 @@ from simulators.barrier.controller import (
 from simulators.barrier.line import PtyLine
 
 __all__ = [
+    "STREET_TIMINGS",
     "BarrierFleet",
     "BarrierSim",
     "BarrierState",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -43,6 +44,10 @@ class Timings:
     status_interval: float = 1.0
     event_resend: float = 0.5
     repeat_window: float = 2.0
+
+
+# As slow as a person can watch (the demo, `parking-gateway simulate --barriers`), yet a lane serves a car a second.
+STREET_TIMINGS = Timings(opening=0.4, closing=0.4, hold=1.0, dwell=0.2)
 
 
 @dataclass
@@ -111,6 +116,7 @@ class BarrierSim:
         self.address = address
         self.timings = timings or Timings()
         self.noise = noise or Noise()
+        self._change = asyncio.Event()  # set (and replaced) whenever the barrier moves or a frame comes in
         self.barrier = BarrierState.CLOSED
         self.mode = GateMode.NORMAL
         self.loop_a = False
@@ -144,6 +150,30 @@ class BarrierSim:
     @property
     def path(self) -> Path:
         return self.line.path
+
+    @property
+    def barrier(self) -> BarrierState:
+        return self._barrier
+
+    @barrier.setter
+    def barrier(self, state: BarrierState) -> None:
+        self._barrier = state
+        self._notify()
+
+    def _notify(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait until `condition()` holds, checked again whenever the barrier moves or a frame from the host comes
+        in (a command, an ACK); False after `timeout` seconds. For drivers of simulated cars."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not condition():
+                    await self._change.wait()
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def commands(self) -> list[Command]:
@@ -281,6 +311,7 @@ class BarrierSim:
         for f in self._deframer.push(data):
             if f.addr == self.address:
                 self._receive(f)
+                self._notify()
 
     def _receive(self, f: wire.Received) -> None:
         now = asyncio.get_running_loop().time()
@@ -536,27 +567,37 @@ class BarrierSim:
 
 @dataclass
 class BarrierFleet:
-    """`count` controllers, each on its own pty at `<directory>/<prefix><n>` (n from 1), address `address`.
+    """Controllers, each on its own pty: `count` of them at `<directory>/<prefix><n>` (n from 1), or with `names`
+    one per name at `<directory>/<name>` (e.g. a gate id); at `addresses[name]`, else `address`.
 
     For `parking-gateway simulate` and the demo: `paths = await fleet.start()`, point each gate's
     `serial.port` at one, `await fleet.close()` at the end.
     """
 
     directory: Path
-    count: int
+    count: int = 0
     prefix: str = "ttyGATE"
     address: int = 1
     timings: Timings | None = None
+    names: Sequence[str] = ()
+    addresses: Mapping[str, int] = field(default_factory=dict)
     sims: list[BarrierSim] = field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:
         return [sim.path for sim in self.sims]
 
+    @property
+    def by_name(self) -> dict[str, BarrierSim]:
+        """The controllers by their file name in `directory` (the gate id, with `names`)."""
+        return {sim.path.name: sim for sim in self.sims}
+
     async def start(self) -> list[Path]:
         self.directory.mkdir(parents=True, exist_ok=True)
-        for n in range(1, self.count + 1):
-            sim = BarrierSim(self.directory / f"{self.prefix}{n}", address=self.address, timings=self.timings)
+        names = list(self.names) or [f"{self.prefix}{n}" for n in range(1, self.count + 1)]
+        for name in names:
+            address = self.addresses.get(name, self.address)
+            sim = BarrierSim(self.directory / name, address=address, timings=self.timings)
             await sim.start()
             self.sims.append(sim)
         return self.paths
