@@ -69,6 +69,7 @@ class Options:
     visits: int = 2000  # arrivals per simulated day
     json_path: str | None = None
     debug: bool = False
+    dump_after: float = 400.0  # --debug: dump the slots behind the first mismatch older than this
 
 
 def site_config(state_dir: Path, port: int, slots: int) -> GatewayConfig:
@@ -110,7 +111,11 @@ camera = "cam-out1"
 class Car:
     plate: str
     dwell: float
+    # Its own random stream (drive time, mispark, where): the gateway's decisions change which slots cars get,
+    # and with one stream for the world every later draw would shift, so two gateways could not be compared.
+    rng: random.Random
     assigned: str | None = None
+    entered: float | None = None  # when its session started (bench time)
     slot: str | None = None  # where it stands or last stood
 
 
@@ -118,6 +123,7 @@ class Car:
 class Sensor:
     slot: str
     tts: bool
+    rng: random.Random  # its glitches and its messages' fate (duplicated, late), as Car.rng
     seq: int = 0
     dead: bool = False
     flapping: bool = False
@@ -164,7 +170,10 @@ class Day:
         per_zone = opts.slots // ZONES
         self.slot_ids = [f"Z{z}-{i:03d}" for z in range(1, ZONES + 1) for i in range(1, per_zone + 1)]
         self.zone_of = {s: s.split("-")[0] for s in self.slot_ids}
-        self.sensors = {s: Sensor(s, self.zone_of[s] == f"Z{ZONES}") for s in self.slot_ids}
+        self.sensors = {
+            s: Sensor(s, self.zone_of[s] == f"Z{ZONES}", random.Random(f"{opts.seed}/sensor/{s}"))
+            for s in self.slot_ids
+        }
         self.physical: dict[str, Car | None] = dict.fromkeys(self.slot_ids)
         self.owner: dict[str, Car | None] = dict.fromkeys(self.slot_ids)
         self.cars: dict[str, Car] = {}
@@ -187,6 +196,9 @@ class Day:
         self.last_truth: tuple[int, ...] | None = None
         self.worst: list[tuple[float, float]] = []
         self.debug = opts.debug
+        self.diag: Counter[str] = Counter()
+        self.trace: list[dict[str, Any]] = []
+        self.plate_of: dict[str, str] = {}
         self.dumped = False
 
     # --- the simulated world -----------------------------------------------------------------------------
@@ -204,7 +216,7 @@ class Day:
         n_flap = round(len(self.slot_ids) * self.opts.flapping)
         for slot in chosen[:n_flap]:
             self.sensors[slot].flapping = True
-            self.at(rng.expovariate(1 / 300), functools.partial(self._glitch, self.sensors[slot]))
+            self.at(self.sensors[slot].rng.expovariate(1 / 300), functools.partial(self._glitch, self.sensors[slot]))
         for slot in chosen[n_flap:]:
             self.at(rng.uniform(3600, 20 * 3600), functools.partial(self._die, self.sensors[slot]))
         self.at(self._next_arrival(0.0), self._arrive)
@@ -234,15 +246,15 @@ class Day:
             body = {"occupied": occupied, "seq": sensor.seq, "battery": 3.6}
             topic = f"sensors/{sensor.slot}/state"
         payload = json.dumps(body).encode()
-        roll = self.rng.random()
+        roll = sensor.rng.random()
         if roll < self.opts.reorder:
             self.counts["reordered"] += 1
-            self.at(self.now + self.rng.uniform(1.0, 3.0), lambda: self.outbox.append((topic, payload)))
+            self.at(self.now + sensor.rng.uniform(1.0, 3.0), lambda: self.outbox.append((topic, payload)))
             return
         self.outbox.append((topic, payload))
         if roll < self.opts.reorder + self.opts.duplicate:
             self.counts["duplicated"] += 1
-            self.at(self.now + self.rng.uniform(0.0, 1.0), lambda: self.outbox.append((topic, payload)))
+            self.at(self.now + sensor.rng.uniform(0.0, 1.0), lambda: self.outbox.append((topic, payload)))
 
     def _heartbeat(self, sensor: Sensor, every: float) -> None:
         self._report(sensor, self.physical[sensor.slot] is not None)
@@ -253,9 +265,10 @@ class Day:
         self.counts["glitches"] += 1
         self._report(sensor, self.physical[sensor.slot] is None)
         self.at(
-            self.now + self.rng.uniform(0.3, 3.0), lambda: self._report(sensor, self.physical[sensor.slot] is not None)
+            self.now + sensor.rng.uniform(0.3, 3.0),
+            lambda: self._report(sensor, self.physical[sensor.slot] is not None),
         )
-        self.at(self.now + self.rng.expovariate(1 / 300), lambda: self._glitch(sensor))
+        self.at(self.now + sensor.rng.expovariate(1 / 300), lambda: self._glitch(sensor))
 
     def _die(self, sensor: Sensor) -> None:
         self.counts["sensors_died"] += 1
@@ -263,22 +276,26 @@ class Day:
 
     def _arrive(self) -> None:
         self.reads += 1
+        self.counts["arrivals"] += 1
+        n = self.counts["arrivals"]
         car = Car(
-            f"C{self.reads:05d}", dwell=min(10 * 3600.0, max(600.0, self.rng.lognormvariate(math.log(5400), 0.7)))
+            f"C{n:05d}",
+            dwell=min(10 * 3600.0, max(600.0, self.rng.lognormvariate(math.log(5400), 0.7))),
+            rng=random.Random(f"{self.opts.seed}/car/{n}"),
         )
         self.cars[car.plate] = car
         self.outbox.append(
             ("cameras/cam-in1/reads", json.dumps({"event_id": f"in{self.reads}", "plate": car.plate}).encode())
         )
-        self.counts["arrivals"] += 1
         self.at(self._next_arrival(self.now), self._arrive)
 
     def _entered(self, plate: str, slot: str) -> None:
         """The gateway assigned a slot (session.started): the car holds it and drives there."""
         car = self.cars[plate]
         car.assigned = slot
+        car.entered = self.now
         self.owner[slot] = car
-        self.at(self.now + self.rng.uniform(20, 120), lambda: self._park(car))
+        self.at(self.now + car.rng.uniform(20, 120), lambda: self._park(car))
 
     def _free_slots(self) -> list[str]:
         return [s for s in self.slot_ids if self.physical[s] is None and self.owner[s] is None]
@@ -286,12 +303,12 @@ class Day:
     def _park(self, car: Car) -> None:
         assert car.assigned is not None
         target = car.assigned
-        if self.rng.random() < self.opts.mispark or self.physical[target] is not None:
+        if car.rng.random() < self.opts.mispark or self.physical[target] is not None:
             free = self._free_slots()
             same = [s for s in free if self.zone_of[s] == self.zone_of[target]]
-            pool = same if same and self.rng.random() < 0.7 else free
+            pool = same if same and car.rng.random() < 0.7 else free
             if pool:
-                target = self.rng.choice(pool)
+                target = car.rng.choice(pool)
                 self.counts["misparked"] += 1
             elif self.physical[target] is not None:
                 target = next((s for s in self.slot_ids if self.physical[s] is None), target)
@@ -312,7 +329,7 @@ class Day:
         assert car.slot is not None
         self.physical[car.slot] = None
         self._report(self.sensors[car.slot], False)
-        self.at(self.now + self.rng.uniform(20, 90), lambda: self._exit(car))
+        self.at(self.now + car.rng.uniform(20, 90), lambda: self._exit(car))
 
     def _exit(self, car: Car) -> None:
         self.reads += 1
@@ -357,6 +374,15 @@ class Day:
             obs.events += 1
             event = json.loads(payload)
             obs.kinds[event["type"] if event["type"] != "alert" else f"alert {event['code']}"] += 1
+            if self.debug and event["type"] in ("session.moved", "session.started"):
+                self.trace.append(event)
+            if self.debug and event["type"] == "alert":
+                car = self.physical.get(event["subject"].get("slot", ""))
+                print(
+                    f"  t={self.now:.1f} alert {event['code']} {event['subject']} {event['message']}"
+                    f" car {car and (car.plate, car.assigned, car.entered)}",
+                    file=sys.stderr,
+                )
             if event["type"] == "session.started":
                 obs.started.append(event)
             elif event["type"] == "entry.denied":
@@ -424,6 +450,8 @@ class Day:
             while self.observed.denied:
                 self.observed.denied.pop(0)
                 self.counts["denied"] += 1
+            if self.debug:
+                self.judge_moves()
             self.measure()
             if self.now >= next_progress:
                 print(
@@ -446,7 +474,12 @@ class Day:
                 if self.now - t > 7:
                     self.worst.append((t, self.now - t))
             self.pending_changes.clear()
-        if self.debug and self.pending_changes and self.now - self.pending_changes[0] > 400 and not self.dumped:
+        if (
+            self.debug
+            and self.pending_changes
+            and self.now - self.pending_changes[0] > self.opts.dump_after
+            and not self.dumped
+        ):
             self.dumped = True
             print(f"t={self.now:.1f} truth={truth} published={seen}", file=sys.stderr)
             for slot in self.slot_ids:
@@ -480,11 +513,88 @@ class Day:
             self.exact += seen == truth
             self.exact_lot += seen is not None and seen[:2] == truth[:2]
         if self.now % 10.0 == 0:
+            wrong = []
             for slot in self.slot_ids:
                 state = self.observed.slots.get(slot)
                 taken = self.physical[slot] is not None or self.owner[slot] is not None
                 self.slot_samples += 1
-                self.slot_exact += state is not None and (state["status"] == "occupied") == taken
+                ok = state is not None and (state["status"] == "occupied") == taken
+                self.slot_exact += ok
+                if not ok:
+                    wrong.append(slot)
+            if self.debug and wrong:
+                self.diagnose(wrong)
+
+    def judge_moves(self) -> None:
+        """Was each re-seat right (the session's car is in the slot it went to)? Printed and counted (--debug)."""
+        for event in self.trace:
+            if event["type"] == "session.started":
+                self.plate_of[event["session_id"]] = event["vehicle"]
+                continue
+            car = self.cars.get(self.plate_of.get(event["session_id"], ""))
+            to = event["to_slot"]
+            if car is None:
+                verdict = "unknown"
+            elif to is None:
+                verdict = "none"
+            elif self.physical[to] is car:
+                verdict = "right"
+            elif car.assigned == to and car.slot is None:
+                verdict = "right (driving there)"
+            else:
+                where = car.slot if car.slot and self.physical[car.slot] is car else f"driving to {car.assigned}"
+                verdict = f"wrong (car at {where})"
+            self.diag[f"move {event['reason']} {verdict.split(' (car')[0]}"] += 1
+            print(
+                f"  t={self.now:.1f} {event['reason']} {car and car.plate} {event['from_slot']} -> {to}: {verdict}",
+                file=sys.stderr,
+            )
+        self.trace.clear()
+
+    def whereabouts(self, car: Car) -> str:
+        if car.slot is not None and self.physical[car.slot] is car:
+            return "parked"
+        if car.assigned is not None and self.owner[car.assigned] is car:
+            return "driving"
+        return "gone"
+
+    def diagnose(self, wrong: list[str]) -> None:
+        """Count wrong slot samples by what lies behind them (--debug)."""
+        conn = sqlite3.connect(f"file:{self.gw.db}?mode=ro", uri=True)
+        try:
+            for slot in wrong:
+                doc = self.observed.slots.get(slot, {})
+                phys, own = self.physical[slot], self.owner[slot]
+                sess = doc.get("session")
+                plate = None
+                if sess is not None:
+                    row = conn.execute("SELECT plate, seated_at FROM sessions WHERE id = ?", (sess,)).fetchone()
+                    plate = row[0] if row else None
+                    seated = "seated" if row and row[1] is not None else "unseated"
+                sensor = self.sensors[slot]
+                if doc.get("status") == "occupied":
+                    if sess is None:
+                        kind = f"pub-occ/no-session sensor={doc.get('sensor')}"
+                    else:
+                        car = self.cars.get(plate or "")
+                        where = "?" if car is None else self.whereabouts(car)
+                        mine = "own" if car is not None and car.assigned == slot else "other"
+                        kind = f"pub-occ/session-car-{where} sensor={doc.get('sensor')} {seated} {mine}"
+                else:
+                    car = phys or own
+                    row = None
+                    if car is not None:
+                        row = conn.execute(
+                            "SELECT slot, seated_at FROM sessions WHERE plate = ? AND state = 'active'", (car.plate,)
+                        ).fetchone()
+                    sess_at = "none" if row is None else ("null-slot" if row[0] is None else "elsewhere")
+                    kind = (
+                        f"pub-free/{'parked' if phys else 'driving'} session={sess_at}"
+                        f" sensor={doc.get('sensor')} dead={sensor.dead}"
+                    )
+                self.diag[kind] += 1
+        finally:
+            conn.close()
 
 
 async def simulate(opts: Options, root: Path) -> dict[str, Any]:
@@ -540,6 +650,7 @@ async def simulate(opts: Options, root: Path) -> dict[str, Any]:
         "gateway_events": dict(day.observed.kinds),
         "verdicts": dict(gw.ingress.verdicts),
         "slowest": sorted(day.worst, key=lambda x: -x[1])[:10],
+        "diagnosis": dict(day.diag.most_common()),
     }
 
 
@@ -550,7 +661,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--debug", action="store_true", help="print the slots behind the first long mismatch")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print every re-seat (right or wrong), alerts, the slots behind the first long mismatch, and count the"
+        " wrong slot samples by cause (in the JSON's diagnosis)",
+    )
+    parser.add_argument("--dump-after", type=float, default=400.0, help="with --debug: what a long mismatch is (s)")
     parser.add_argument("--mispark", type=float, default=0.10)
     parser.add_argument("--flapping", type=float, default=0.02)
     parser.add_argument("--offline", type=float, default=0.01)
@@ -569,6 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         reorder=args.reorder,
         json_path=args.json_path,
         debug=args.debug,
+        dump_after=args.dump_after,
     )
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="pg-accuracy-") as tmp:
