@@ -250,26 +250,144 @@ async def test_a_session_on_its_way_is_reseated_where_the_car_parked(
         third = await s.obs.request("enter", {"vehicle": "CCC333", "lot": "lot1", "zone": "B"})
         assert third["data"]["slot"] == "B-001"
         await s.advance(60)
+        # A-001 is free, but AAA111's car may still be driving there (if the pick was wrong): it comes last.
         fourth = await s.enter("DDD444")
-        assert fourth["slot"] == "A-001"
+        assert fourth["slot"] == "A-003"
         s.obs.messages.clear()
         await s.sensor("T-001", True)
         await s.advance(5)
         await s.published(lambda: s.moved())
         assert s.moved() == [("B-001", "T-001", "reseated")]
         # Then the oldest: BBB222 before DDD444.
-        await s.sensor("A-003", True)
-        await s.advance(5)
-        await s.published(lambda: len(s.moved()) == 2)
-        assert s.moved()[1] == ("A-002", "A-003", "reseated")
-        # A session seen in its own slot is no longer on its way: a car in A-004 has no session.
-        await s.sensor("A-001", True)
-        await s.advance(5)
         await s.sensor("A-004", True)
         await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved()[1] == ("A-002", "A-004", "reseated")
+        # A session seen in its own slot is no longer on its way: when AAA111's car turns up in A-001 after all,
+        # its session goes back there and the car in B-002 has no session (DDD444 is seated in A-003).
+        await s.sensor("A-003", True)
+        await s.advance(5)
+        await s.sensor("A-001", True)
+        await s.advance(5)
         await s.published(lambda: s.alerts("slot.unregistered_occupancy"))
-        assert len(s.moved()) == 2
+        assert s.moved()[2:] == [("B-002", "A-001", "reseated")]
+        assert s.alerts("slot.unregistered_occupancy")[0]["subject"] == {"slot": "B-002"}
         await s.published(lambda: s.availability()["available"] == 2)  # A-002, B-001
+    check_store(cfg)
+
+
+async def test_a_car_in_the_slot_its_session_was_reseated_from_takes_it_back(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        aaa = await s.enter("AAA111")  # A-001
+        await s.advance(60)
+        bbb = await s.enter("BBB222")  # A-002
+        await s.sensor("A-003", True)  # BBB222's car, but AAA111 is the oldest on its way
+        await s.advance(5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("A-001", "A-003", "reseated")]
+        # A-001 counts as available, but comes last: AAA111's car may still be driving there.
+        await s.published(lambda: s.slot("A-001")["status"] == "available")
+        assert (await s.enter("CCC333"))["slot"] == "A-004"
+        # It is: AAA111 goes back to A-001, and the car in A-003 is matched again (BBB222, on its way).
+        await s.sensor("A-001", True)
+        await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 3)
+        assert s.moved()[1:] == [("A-003", "A-001", "reseated"), ("A-002", "A-003", "reseated")]
+        assert [e["session_id"] for e in s.obs.events("session.moved")[1:]] == [aaa["session_id"], bbb["session_id"]]
+        await s.published(lambda: s.slot("A-001")["session"] == aaa["session_id"])
+        await s.published(lambda: s.slot("A-003")["session"] == bbb["session_id"])
+        await s.published(lambda: s.slot("A-002")["status"] == "available")
+        assert s.alerts("slot.unregistered_occupancy") == []
+        # But when the car the session was re-seated to has nobody else on the way for it, that pick was right,
+        # and a car in the slot it left is a mispark into the freed slot: DDD444's here, not EEE555's there.
+        await s.sensor("A-004", True)  # CCC333's car, in its slot
+        await s.advance(5)
+        eee = await s.enter("EEE555")
+        assert eee["slot"] == "B-001"  # A-002 comes last while BBB222's car might still be driving there
+        await s.sensor("B-002", True)
+        await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 4)
+        assert s.moved()[3] == ("B-001", "B-002", "reseated")
+        await s.advance(30)
+        ddd = await s.enter("DDD444")
+        assert ddd["slot"] == "T-001"
+        await s.sensor("B-001", True)
+        await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 5)
+        assert s.moved()[4] == ("T-001", "B-001", "reseated")
+        assert s.obs.events("session.moved")[4]["session_id"] == ddd["session_id"]
+    check_store(cfg)
+
+
+async def test_a_car_is_matched_first_to_a_session_that_could_have_driven_there(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        for slot in ("A-001", "A-002"):
+            await s.sensor(slot, False)
+        await s.advance(5)
+        aaa = await s.enter("AAA111")  # A-001: its sensor never sees the car (parked where a sensor died, say)
+        await s.advance(300, step=60)
+        bbb = await s.enter("BBB222")  # A-002
+        await s.advance(30)
+        # On its way for 330 s (AAA111) or for 30 s (BBB222): beyond drive_time (180 s), the older is no longer
+        # the likelier one.
+        await s.sensor("B-001", True)
+        await s.advance(5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("A-002", "B-001", "reseated")]
+        assert s.obs.events("session.moved")[0]["session_id"] == bbb["session_id"]
+        # A car first seen before a session was confirmed is not that session's car: not CCC333, though on its
+        # way for less than drive_time, but AAA111.
+        await s.sensor("B-002", True)
+        await s.advance(2, step=2)
+        await s.enter("CCC333")
+        await s.advance(3, step=3)
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved()[1] == ("A-001", "B-002", "reseated")
+        assert s.obs.events("session.moved")[1]["session_id"] == aaa["session_id"]
+    check_store(cfg)
+
+
+async def test_a_reseat_whose_car_is_gone_at_once_is_taken_back(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", False)
+        await s.advance(5)
+        aaa = await s.enter("AAA111")  # A-001
+        await s.advance(30)
+        # A flap in A-003, stretched past the debounce by its late second half: AAA111 is re-seated there...
+        await s.sensor("A-003", True)
+        await s.advance(5, step=5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("A-001", "A-003", "reseated")]
+        await s.advance(0.5, step=0.5)
+        await s.sensor("A-003", False)
+        await s.advance(5)
+        # ... and back, on its way again, once the car there is gone 5.5 s after it was first seen.
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved()[1] == ("A-003", "A-001", "reverted")
+        await s.published(lambda: s.slot("A-001")["session"] == aaa["session_id"])
+        await s.published(lambda: s.slot("A-003")["status"] == "available")
+        await s.sensor("A-001", True)  # its car arrives
+        await s.advance(5)
+        await s.published(lambda: s.slot("A-001")["sensor"] == "occupied")
+        # A car that stood longer is not taken back when it leaves: BBB222's session stays where its car was.
+        bbb = await s.enter("BBB222")
+        assert bbb["slot"] == "A-003"  # a healthy vacant sensor first
+        await s.sensor("A-004", True)
+        await s.advance(60)
+        await s.sensor("A-004", False)
+        await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 3)
+        await s.advance(60)
+        assert s.moved()[2:] == [("A-003", "A-004", "reseated")]
+        assert s.slot("A-004")["session"] == bbb["session_id"]
+        assert s.alerts("slot.unregistered_occupancy") == [] and s.alerts("session.vacated") == []
     check_store(cfg)
 
 
@@ -281,18 +399,18 @@ async def test_sessions_seated_crosswise_swap_back_when_one_leaves(tmp_path: Pat
         await s.enter("BBB222")  # A-002
         await s.sensor("A-003", True)  # BBB222's car, but AAA111 is the oldest on its way
         await s.advance(5)
-        await s.sensor("A-001", True)  # AAA111's car, in its own slot: BBB222 is re-seated there
-        await s.advance(5)
-        await s.published(lambda: len(s.moved()) == 2)
-        assert s.moved() == [("A-001", "A-003", "reseated"), ("A-002", "A-001", "reseated")]
-        # BBB222's car leaves A-003 and exits; A-001 still reports AAA111's car: AAA111 swaps back.
+        await s.sensor("A-002", True)  # AAA111's car, in BBB222's slot: BBB222 is seated there
+        await s.advance(60)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("A-001", "A-003", "reseated")]
+        # BBB222's car leaves A-003 and exits; A-002 still reports AAA111's car: AAA111 swaps back.
         await s.sensor("A-003", False)
         await s.advance(60)
         await s.exit("BBB222")
-        await s.published(lambda: len(s.moved()) == 3)
-        assert s.moved()[2] == ("A-003", "A-001", "reseated")
-        assert s.obs.events("session.moved")[2]["session_id"] == aaa["session_id"]
-        await s.published(lambda: s.slot("A-001")["session"] == aaa["session_id"])
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved()[1] == ("A-003", "A-002", "reseated")
+        assert s.obs.events("session.moved")[1]["session_id"] == aaa["session_id"]
+        await s.published(lambda: s.slot("A-002")["session"] == aaa["session_id"])
         await s.published(lambda: s.slot("A-003")["status"] == "available")
         assert s.alerts("slot.unregistered_occupancy") == [] and s.alerts("session.vacated") == []
     check_store(cfg)
@@ -346,7 +464,9 @@ async def test_vacate_grace_releases_the_slot_and_the_session_runs_on(
         assert s.alerts("session.vacated") == [] and s.moved() == []
         await s.sensor("A-001", False)
         await s.advance(5, step=5)  # the vacancy counts from the first vacant report, not from the commit
-        await s.advance(594, step=594)
+        await s.advance(295, step=295)
+        await s.sensor("A-001", False)  # a heartbeat: the sensor is alive
+        await s.advance(299, step=299)
         assert s.alerts("session.vacated") == []
         await s.advance(1)
         alert = await s.published(lambda: s.alerts("session.vacated"))
@@ -376,6 +496,30 @@ async def test_a_sensor_silent_since_before_the_car_came_does_not_release_it(
         assert s.alerts("session.vacated") == [] and s.moved() == []
         await s.advance(30)
         await s.published(lambda: s.alerts("sensor.offline"))  # offline at +900: the countdown is cancelled
+        await s.advance(3600, step=600)
+        assert s.alerts("session.vacated") == [] and s.moved() == []
+        assert s.slot("A-001")["session"] == started["session_id"] and s.slot("A-001")["status"] == "occupied"
+    check_store(cfg)
+
+
+async def test_a_sensor_that_died_before_the_car_came_does_not_release_it(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", False)
+        await s.advance(5)
+        for _ in range(3):  # a live sensor, heartbeating every minute
+            await s.advance(60)
+            await s.sensor("A-001", False)
+        started = await s.enter("AAA111")  # A-001, vacant: the vacate grace counts from now (+185)
+        await s.advance(60)
+        await s.sensor("A-001", False)  # +245, its last word (the store has it by the next flush); then it dies
+        await s.advance(60)  # and the car parks over it unseen
+        await s.advance(485)  # +790: the grace has run out; heard since the vacancy began, but not for 545 s
+        assert s.alerts("session.vacated") == [] and s.moved() == []
+        await s.advance(600)
+        await s.published(lambda: s.alerts("sensor.offline"))  # offline at +1145: the countdown is cancelled
         await s.advance(3600, step=600)
         assert s.alerts("session.vacated") == [] and s.moved() == []
         assert s.slot("A-001")["session"] == started["session_id"] and s.slot("A-001")["status"] == "occupied"

@@ -34,6 +34,14 @@ class TimingConfig(StrictModel):
         " on a free slot of its lot re-seats it there (`session.moved`) instead of raising"
         " `slot.unregistered_occupancy`, until its own slot's sensor sees it.",
     )
+    drive_time: float = Field(
+        180,
+        gt=0,
+        description="(extension) Most cars reach a slot within this long after `session.confirmed`. A car found in"
+        " a slot without a session is matched first to the sessions on their way for less than this (same zone"
+        " first, then the oldest), then to those on their way longer (their cars are probably parked where no"
+        " sensor sees them).",
+    )
     vacate_grace: float = Field(
         600,
         gt=0,

@@ -6,15 +6,21 @@ step changes no outcome.
 
 - **Occupied** on a slot with a session: the car is in its slot (`seated_at`); a vacate countdown is cancelled.
   On a free slot (no active session, blocked or not): the slot leaves availability, and the nearest unseated
-  session of the lot is re-seated there (`session.moved`, its old slot freed) — one confirmed less than
-  `arrival_window` ago, or one roaming without a slot; same zone first, then the oldest. Without one:
-  `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a car, where a
-  seated session whose own slot reports vacant comes first: the nearest-candidate rule can seat two cars'
-  sessions crosswise, and when one of them leaves this is where the other swaps back.
+  session of the lot is re-seated there (`session.moved`, its old slot freed) — one confirmed before the car was
+  first seen and less than `arrival_window` ago, or one roaming without a slot; those on their way for less than
+  `drive_time` first, then same zone, then one whose slot's sensor would have seen it arrive, then the oldest.
+  Without one: `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a
+  car, where a seated session whose own slot reports vacant comes first: the nearest-candidate rule can seat two
+  cars' sessions crosswise, and when one of them leaves this is where the other swaps back.
+- **Re-seats can be taken back.** The slot a session on its way was re-seated away from is remembered for its
+  arrival window (`session.reseated`) and allocated last in its tier. A car found there soon enough is that
+  session's after all: it goes back, and the car it had been re-seated to is matched again. A re-seat whose car
+  is gone within `reseat_settle` of its first sighting is undone (`reverted`).
 - **Vacant** on a confirmed session's slot (and from `session.confirmed` while the slot's sensor says vacant):
   a `session.vacate` deadline `vacate_grace` later. When it comes, and the sensor has been heard since the
-  vacancy began (its last word alone is no evidence for the whole grace: a sensor that died reporting vacant
-  must not release the car parked over it before it is known offline): `alert` `session.vacated`, the session
+  vacancy began and within half its `offline_after` (its last word alone is no evidence for the whole grace: a
+  sensor that died reporting vacant, or died before the car came, must not release the car parked over it
+  before it is known offline): `alert` `session.vacated`, the session
   runs on without a slot (`session.moved` to null), the slot is available again. Otherwise it looks again
   `vacate_recheck` later, until the sensor speaks or goes offline.
 - **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`). The ingress fires it
@@ -43,6 +49,7 @@ from gateway.core.txn import Txn
 
 VACATE = "session.vacate"
 OFFLINE = "sensor.offline"
+RESEATED = "session.reseated"
 BATTERY_REPEAT_S = 86400.0
 BATTERY_HYSTERESIS = 0.1
 LIVE_STATES = ("vacant", "occupied")
@@ -76,6 +83,10 @@ def _timer_at(txn: Txn, wall_at: float) -> float:
     return txn.timer_now - max(0.0, txn.now - wall_at)
 
 
+def _wall_at(txn: Txn, timer_at: float) -> float:
+    return txn.now - (txn.timer_now - timer_at)
+
+
 def _offline_after(txn: Txn, slot: sqlite3.Row) -> float:
     after = slot["offline_after"]
     return float(after) if after is not None else txn.settings.sensor_offline_after
@@ -95,7 +106,9 @@ def _sensor_change(txn: Txn, cmd: SensorChange) -> str | None:
     was = slot["sensor_state"]
     txn.conn.execute("UPDATE slots SET sensor_state = ? WHERE id = ?", (cmd.state, slot_id))
     session = txn.conn.execute(
-        "SELECT id, confirmed_timer, seated_at FROM sessions WHERE slot = ? AND state = 'active'", (slot_id,)
+        "SELECT id, confirmed_timer, seated_at, reseated_from, reseated_seen FROM sessions"
+        " WHERE slot = ? AND state = 'active'",
+        (slot_id,),
     ).fetchone()
     if cmd.state == "offline":
         timers.cancel(txn, OFFLINE, cmd.sensor)
@@ -119,35 +132,42 @@ def _sensor_change(txn: Txn, cmd: SensorChange) -> str | None:
             due = txn.timer_now + _offline_after(txn, slot) + txn.settings.offline_pad
             timers.schedule(txn, OFFLINE, cmd.sensor, due)
         if cmd.state == "occupied":
-            _occupied(txn, slot, session, cmd.at)
+            _occupied(txn, slot, session, _timer_at(txn, cmd.at))
         elif session is not None and session["confirmed_timer"] is not None:
-            _start_vacancy(txn, session["id"], _timer_at(txn, cmd.at))
+            if not _take_back(txn, slot, session, cmd.at):
+                _start_vacancy(txn, session["id"], _timer_at(txn, cmd.at))
     slots.refresh(txn, slot_id, f"sensor.{cmd.state}", sensor_moved=True)
     return slot_id
 
 
-def _occupied(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row | None, at: float, *, swap: bool = False) -> None:
+def _occupied(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row | None, seen: float, *, swap: bool = False) -> None:
+    """A car in the slot, first seen at `seen` (Timeline): seat its session, or find the one it belongs to."""
     slot_id: str = slot["id"]
     if session is not None:
         timers.cancel(txn, VACATE, session["id"])
         if session["seated_at"] is None:
             txn.conn.execute("UPDATE sessions SET seated_at = ? WHERE id = ?", (txn.now, session["id"]))
         return
+    # The session re-seated away from here, if this could be its car arriving (on its way for less than
+    # drive_time): the pick was wrong. A car found here later is someone else's.
+    returning = txn.conn.execute(
+        "SELECT id, slot, reseated_seen FROM sessions INDEXED BY sessions_reseated_from"
+        " WHERE reseated_from = ? AND state = 'active' AND confirmed_timer >= ?",
+        (slot_id, seen - txn.settings.drive_time),
+    ).fetchone()
+    if returning is not None and _returns(txn, slot, returning, seen):
+        _return(txn, slot, returning, seen)
+        return
     candidate = _crossed(txn, slot) if swap else None
+    crossed = candidate is not None
     if candidate is None:
-        candidate = txn.conn.execute(
-            "SELECT id, slot FROM sessions INDEXED BY sessions_unseated"
-            " WHERE lot = ? AND state = 'active' AND seated_at IS NULL AND (slot IS NULL OR confirmed_timer >= ?)"
-            " ORDER BY zone IS NOT ?, confirmed_timer, started_at, id LIMIT 1",
-            # On its way when the car was first seen here, not when the debounce let it count.
-            (slot["lot"], _timer_at(txn, at) - txn.settings.arrival_window, slot["zone"]),
-        ).fetchone()
+        candidate = _on_its_way(txn, slot, seen)
     if candidate is None:
         txn.alert(
             "slot.unregistered_occupancy",
             "warning",
             {"slot": slot_id},
-            f"slot {slot_id} reports a vehicle without a session since {iso_ms(at)}",
+            f"slot {slot_id} reports a vehicle without a session since {iso_ms(_wall_at(txn, seen))}",
         )
         return
     session_id, from_slot = candidate["id"], candidate["slot"]
@@ -156,9 +176,111 @@ def _occupied(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row | None, at: floa
         (slot_id, slot["zone"], txn.now, session_id),
     )
     timers.cancel(txn, VACATE, session_id)
+    # A seated session swapping back left a vacant slot; one on its way leaves one its car may still drive to.
+    _set_reseated_from(txn, session_id, None if crossed else from_slot, seen)
     txn.emit(SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=slot_id, reason="reseated"))
     if from_slot is not None:
         slots.refresh(txn, from_slot, "session.moved")
+
+
+def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float) -> sqlite3.Row | None:
+    """The session on its way that a car first seen in `slot` at `seen` most likely belongs to, or None."""
+    # On its way when the car was first seen (not when the debounce let it count): confirmed before then, and no
+    # longer ago than arrival_window (unless it has no slot).
+    row: sqlite3.Row | None = txn.conn.execute(
+        "SELECT s.id, s.slot FROM sessions s INDEXED BY sessions_unseated LEFT JOIN slots t ON t.id = s.slot"
+        " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.confirmed_timer <= ?"
+        " AND (s.slot IS NULL OR s.confirmed_timer >= ?)"
+        # Plausible first: on its way for less than drive_time. Then same zone; then one whose own slot's sensor
+        # would have seen it arrive; then the oldest.
+        " ORDER BY s.slot IS NULL OR s.confirmed_timer < ?, s.zone IS NOT ?, t.sensor_state IS NOT 'vacant',"
+        " s.confirmed_timer, s.started_at, s.id LIMIT 1",
+        (slot["lot"], seen, seen - txn.settings.arrival_window, seen - txn.settings.drive_time, slot["zone"]),
+    ).fetchone()
+    return row
+
+
+def _returns(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float) -> bool:
+    """Whether the car in `slot` is taken for the returning session's (`row`) rather than for one on its way.
+
+    Yes, unless the slot it was re-seated to would be left with a car nobody is on the way for while this car
+    has a candidate: then that re-seat was probably right, and this is a mispark into the freed slot."""
+    if row["slot"] is None:
+        return True
+    was = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (row["slot"],)).fetchone()
+    if was["sensor_state"] != "occupied":
+        return True
+    return _on_its_way(txn, was, row["reseated_seen"]) is not None or _on_its_way(txn, slot, seen) is None
+
+
+def _set_reseated_from(txn: Txn, session_id: str, from_slot: str | None, seen: float | None = None) -> None:
+    """Remember the slot a session on its way was re-seated away from, until its arrival window ends, and when the
+    car it was re-seated to was first seen (None: forget them). That slot is allocated last in its tier meanwhile
+    (`slots.DISPLACED`): if the pick was wrong, its car is still driving there, and handing it to the next car
+    would start a chain of forced misparks."""
+    row = txn.conn.execute("SELECT reseated_from, confirmed_timer FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    confirmed = row["confirmed_timer"]
+    until = None if from_slot is None or confirmed is None else confirmed + txn.settings.arrival_window
+    if until is None or until <= txn.timer_now:
+        from_slot = None
+        timers.cancel(txn, RESEATED, session_id)
+    else:
+        timers.schedule(txn, RESEATED, session_id, until)
+    txn.conn.execute(
+        "UPDATE sessions SET reseated_from = ?, reseated_seen = ? WHERE id = ?",
+        (from_slot, None if from_slot is None else seen, session_id),
+    )
+    if row["reseated_from"] is not None and row["reseated_from"] != from_slot:
+        slots.refresh(txn, row["reseated_from"], "session.moved")
+
+
+def _return(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float) -> None:
+    """A car in the slot a session on its way was re-seated away from: its car came after all. The session goes
+    back; the slot it was re-seated to, if it still reports a car, holds someone else's and is matched again.
+    If nobody's (no candidate), the session remembers it: should this car vanish within `reseat_settle` (a flap
+    stretched past the debounce), the session is taken back there."""
+    session_id, was = row["id"], row["slot"]
+    txn.conn.execute(
+        "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL WHERE id = ?",
+        (slot["id"], slot["zone"], txn.now, session_id),
+    )
+    timers.cancel(txn, VACATE, session_id)
+    _set_reseated_from(txn, session_id, None)
+    txn.emit(SessionMoved(session_id=session_id, from_slot=was, to_slot=slot["id"], reason="reseated"))
+    if was is None:
+        return
+    other = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (was,)).fetchone()
+    if other["sensor_state"] == "occupied":
+        _occupied(txn, other, None, row["reseated_seen"])  # judged as when that car was first seen there
+        if slots.active_session_on(txn.conn, was) is None:
+            _set_reseated_from(txn, session_id, was, seen)
+    slots.refresh(txn, was, "session.moved")
+
+
+def _take_back(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row, at: float) -> bool:
+    """A re-seat whose new slot reports vacant within `reseat_settle` of the car's first sighting is undone: what
+    held past the debounce was no parked car (a flap stretched by a late message, a car pausing there). The
+    session goes back, on its way again, to the slot it was re-seated away from, if that is still free; True when
+    it did."""
+    back = session["reseated_from"]
+    if back is None or _timer_at(txn, at) - session["reseated_seen"] > txn.settings.reseat_settle:
+        return False
+    if slots.active_session_on(txn.conn, back) is not None:
+        return False
+    target = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (back,)).fetchone()
+    session_id = session["id"]
+    txn.conn.execute(
+        "UPDATE sessions SET slot = ?, zone = ?, seated_at = NULL, vacant_since = NULL WHERE id = ?",
+        (back, target["zone"], session_id),
+    )
+    _set_reseated_from(txn, session_id, None)
+    txn.emit(SessionMoved(session_id=session_id, from_slot=slot["id"], to_slot=back, reason="reverted"))
+    if target["sensor_state"] == "occupied":
+        txn.conn.execute("UPDATE sessions SET seated_at = ? WHERE id = ?", (txn.now, session_id))
+    elif target["sensor_state"] == "vacant":
+        _start_vacancy(txn, session_id, txn.timer_now)
+    slots.refresh(txn, back, "session.moved")
+    return True
 
 
 def _start_vacancy(txn: Txn, session_id: str, since: float) -> None:
@@ -195,23 +317,32 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
     the nearest-candidate rule swap back here): it is handled as a car that just appeared there.
     """
     timers.cancel(txn, VACATE, session_id)
+    _set_reseated_from(txn, session_id, None)
     if slot_id is None:
         return
     slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
     if slot is not None and slot["sensor_state"] == "occupied":
-        _occupied(txn, slot, None, txn.now, swap=True)
+        _occupied(txn, slot, None, txn.timer_now, swap=True)
 
 
 @timers.on_due(VACATE)
 def _vacate(txn: Txn, session_id: str) -> None:
     row = txn.conn.execute(
-        "SELECT s.slot, s.vacant_since, t.sensor_state, t.seen_timer FROM sessions s JOIN slots t ON t.id = s.slot"
-        " WHERE s.id = ? AND s.state = 'active'",
+        "SELECT s.slot, s.vacant_since, t.sensor_state, t.seen_timer, t.offline_after FROM sessions s"
+        " JOIN slots t ON t.id = s.slot WHERE s.id = ? AND s.state = 'active'",
         (session_id,),
     ).fetchone()
     if row is None or row["sensor_state"] != "vacant":
         return
-    if row["seen_timer"] is None or (row["vacant_since"] is not None and row["seen_timer"] < row["vacant_since"]):
+    seen = row["seen_timer"]
+    # Heard since the vacancy began, and lately: a sensor that died after the session came (its car then parked
+    # over it unseen) has been silent for a while when the grace runs out. Half its offline_after is well above
+    # how far the stored seen_timer lags a live sensor (about 4 x sensor_seen_flush plus its heartbeat).
+    if (
+        seen is None
+        or (row["vacant_since"] is not None and seen < row["vacant_since"])
+        or seen < txn.timer_now - _offline_after(txn, row) / 2
+    ):
         timers.schedule(txn, VACATE, session_id, txn.timer_now + txn.settings.vacate_recheck)
         return
     slot_id = row["slot"]
@@ -227,6 +358,12 @@ def _vacate(txn: Txn, session_id: str) -> None:
     )
     txn.emit(SessionMoved(session_id=session_id, from_slot=slot_id, to_slot=None, reason="vacated"))
     slots.refresh(txn, slot_id, "session.moved")
+
+
+@timers.on_due(RESEATED)
+def _reseated_due(txn: Txn, session_id: str) -> None:
+    # The arrival window is over: its car is not driving to the slot it was re-seated away from any more.
+    _set_reseated_from(txn, session_id, None)
 
 
 @timers.on_due(OFFLINE)

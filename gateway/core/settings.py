@@ -73,11 +73,15 @@ class Settings:
     exit_unpaid: str = "deny"  # "deny" | "bill_later"
     # Sensors and sessions (contract §6), gateway/core/reconcile.py
     arrival_window: float = 900.0
+    drive_time: float = 180.0
     vacate_grace: float = 600.0
     sensor_offline_after: float = 900.0
     # How far a stored offline deadline lies past the one kept in memory (gateway/core/reconcile.py).
     offline_pad: float = 300.0
     # A vacate countdown whose sensor has not been heard since the vacancy began looks again this much later.
     vacate_recheck: float = 120.0
+    # An occupancy that re-seated a session and ended within this long of its first sighting was no parked car:
+    # the re-seat is taken back (2 x debounce: it held past the debounce by less than a debounce).
+    reseat_settle: float = 10.0
     # Barrier lanes (contract §6), gateway/core/lanes.py
     pass_timeout: float = 60.0

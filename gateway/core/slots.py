@@ -14,9 +14,12 @@ from gateway.core.domain import Block, CommandError, Unblock
 from gateway.core.events import SlotState, SlotStatus
 from gateway.core.txn import Txn
 
-_RANK = {"vacant": 0, "none": 1, "offline": 2, "occupied": 3}
+_RANK = {"vacant": 0, "none": 2, "offline": 4, "occupied": 6}
+# Added to the rank of a slot a session on its way was re-seated away from (its car may still be driving there):
+# allocated after every other slot of its sensor tier.
+DISPLACED = 1
 # Added to the rank of a slot with a reservation ahead: walk-ins get every slot without one first.
-RESERVED_AHEAD = 4
+RESERVED_AHEAD = 8
 
 # The slot's live reservations, one probe of reservations_live_slot: (a hold has begun, one is booked ahead).
 HOLDS = (
@@ -40,8 +43,19 @@ def derive_status(has_session: bool, blocked: bool, sensor_state: str, held: boo
     return "available"
 
 
-def alloc_rank(sensor_state: str, reserved_ahead: bool = False) -> int:
-    return _RANK[sensor_state] + (RESERVED_AHEAD if reserved_ahead else 0)
+def alloc_rank(sensor_state: str, reserved_ahead: bool = False, displaced: bool = False) -> int:
+    return _RANK[sensor_state] + (DISPLACED if displaced else 0) + (RESERVED_AHEAD if reserved_ahead else 0)
+
+
+def displaced(conn: sqlite3.Connection, slot_id: str) -> bool:
+    """A session on its way was re-seated away from this slot and its car may still come (reconcile.py)."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM sessions INDEXED BY sessions_reseated_from WHERE reseated_from = ? AND state = 'active'",
+            (slot_id,),
+        ).fetchone()
+        is not None
+    )
 
 
 def active_session_on(conn: sqlite3.Connection, slot_id: str) -> str | None:
@@ -59,7 +73,7 @@ def refresh(txn: Txn, slot_id: str, reason: str, *, sensor_moved: bool = False) 
     session = active_session_on(txn.conn, slot_id)
     held, ahead = txn.conn.execute(HOLDS, (slot_id,)).fetchone()
     status = derive_status(session is not None, bool(row["blocked"]), row["sensor_state"], bool(held))
-    rank = alloc_rank(row["sensor_state"], bool(ahead))
+    rank = alloc_rank(row["sensor_state"], bool(ahead), displaced(txn.conn, slot_id))
     if status != row["status"]:
         txn.conn.execute(
             "UPDATE slots SET status = ?, since = ?, alloc_rank = ? WHERE id = ?", (status, txn.now, rank, slot_id)

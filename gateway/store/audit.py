@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from gateway.core.reconcile import OFFLINE, VACATE
+from gateway.core.reconcile import OFFLINE, RESEATED, VACATE
 from gateway.core.slots import derive_status
 
 FENCES = ("sessions_one_per_slot", "sessions_one_per_vehicle")
@@ -104,6 +104,17 @@ def _check_deadlines(conn: sqlite3.Connection) -> list[str]:
         (OFFLINE,),
     ):
         out.append(f"sensor {sensor}: live but no offline countdown runs")
+    remembered = "SELECT id FROM sessions WHERE state = 'active' AND reseated_from IS NOT NULL"
+    for (subject,) in conn.execute(
+        f"SELECT subject FROM deadlines WHERE kind = ? AND subject NOT IN ({remembered}) ORDER BY subject",
+        (RESEATED,),
+    ):
+        out.append(f"session {subject}: a re-seat countdown, but no active session re-seated away from a slot")
+    for (session,) in conn.execute(
+        f"SELECT id FROM ({remembered}) WHERE id NOT IN (SELECT subject FROM deadlines WHERE kind = ?) ORDER BY id",
+        (RESEATED,),
+    ):
+        out.append(f"session {session}: re-seated away from a slot but no countdown ends it")
     for sid, slot in conn.execute(
         "SELECT s.id, s.slot FROM sessions s JOIN slots t ON t.id = s.slot"
         " WHERE s.state = 'active' AND s.seated_at IS NULL AND t.sensor_state = 'occupied' ORDER BY s.id"

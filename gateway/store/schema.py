@@ -204,6 +204,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sessions_unconfirmed ON sessions (entry_gate, started_at)
         WHERE state = 'active' AND confirmed_at IS NULL;
     """,
+    # 7: re-seating that can be taken back (gateway/core/reconcile.py). reseated_from: the slot a session on its
+    # way was re-seated away from, while its car may still be driving there (until confirmed + arrival_window);
+    # reseated_seen: when the car it was re-seated to was first seen there (Timeline). alloc_rank on a scale with
+    # room for that slot's place within its sensor tier: 2 x (vacant 0, none 1, offline 2, occupied 3), + 1 for a
+    # slot someone was re-seated away from, + 8 with a reservation ahead (was + 4).
+    """
+    ALTER TABLE sessions ADD COLUMN reseated_from TEXT;
+    ALTER TABLE sessions ADD COLUMN reseated_seen REAL;
+    CREATE INDEX sessions_reseated_from ON sessions (reseated_from)
+        WHERE state = 'active' AND reseated_from IS NOT NULL;
+    UPDATE slots SET alloc_rank = 2 * (alloc_rank % 4) + 8 * (alloc_rank / 4);
+    """,
 )
 
 Synchronous = Literal["FULL", "NORMAL"]

@@ -58,10 +58,12 @@ def settings_from_config(cfg: GatewayConfig) -> Settings:
         no_show_after=cfg.timing.no_show_after,
         exit_unpaid=cfg.policy.exit_unpaid,
         arrival_window=cfg.timing.arrival_window,
+        drive_time=cfg.timing.drive_time,
         vacate_grace=cfg.timing.vacate_grace,
         sensor_offline_after=cfg.timing.sensor_offline_after,
         offline_pad=offline_pad(cfg.timing.sensor_seen_flush),
         vacate_recheck=offline_slack(cfg.timing.sensor_seen_flush),
+        reseat_settle=2 * cfg.timing.debounce,
         pass_timeout=cfg.timing.pass_timeout,
     )
 

@@ -6,6 +6,7 @@ import sqlite3
 import time
 
 from gateway.config import SlotSpec
+from gateway.core.slots import alloc_rank
 from gateway.store.schema import StoreError
 
 
@@ -57,9 +58,10 @@ def sync_config(
                 )
             else:
                 conn.execute(
-                    "INSERT INTO slots (id, lot, zone, type, sensor, offline_after, fill_order, since)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (s.id, s.lot, s.zone, s.type, s.sensor, s.offline_after, s.fill_order, now),
+                    "INSERT INTO slots (id, lot, zone, type, sensor, offline_after, fill_order, since, alloc_rank)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    # The column's default is the rank of schema 1's scale (migration 7 doubled it).
+                    (s.id, s.lot, s.zone, s.type, s.sensor, s.offline_after, s.fill_order, now, alloc_rank("none")),
                 )
         conn.execute("DELETE FROM zones")
         conn.executemany("INSERT OR IGNORE INTO zones (lot, id) VALUES (?, ?)", {(s.lot, s.zone) for s in specs})
