@@ -403,7 +403,11 @@ async def measure_ingest(daemon: Daemon, broker: Mosquitto | None, plan: Schedul
         cpu = cpu_seconds(daemon.pid) - cpu0
         broker_cpu = cpu_seconds(broker.proc.pid) - broker0 if broker is not None else 0.0
         committed = conn.execute(
-            "SELECT COUNT(*) FROM outbox WHERE seq > ? AND type = 'slot.status'", (seq0,)
+            # Sensor transitions only: on the bundled broker's daemon the window row's camera reads left sessions
+            # on their way, whose slots also change status when their sensors move (re-seats, arrivals).
+            "SELECT COUNT(*) FROM outbox WHERE seq > ? AND type = 'slot.status'"
+            " AND json_extract(body, '$.reason') LIKE 'sensor.%'",
+            (seq0,),
         ).fetchone()[0]
     finally:
         conn.close()
