@@ -37,7 +37,7 @@ from gateway.core.exits import elapsed_s
 from gateway.core.plates import PlateKey
 from gateway.core.pricing import fee
 from gateway.core.settings import Tariff
-from gateway.core.slots import HOLDS, alloc_rank, derive_status
+from gateway.core.slots import HOLDS, alloc_rank, derive_status, displaced
 from gateway.store.schema import Synchronous, connect, db_path, migrate
 from gateway.store.settings import tariff_from_config
 from gateway.store.sync import sync_config
@@ -172,7 +172,7 @@ class RawStore:
         session = self.conn.execute("SELECT id FROM sessions WHERE slot = ? AND state = 'active'", (slot,)).fetchone()
         held, ahead = self.conn.execute(HOLDS, (slot,)).fetchone()
         new = derive_status(session is not None, bool(blocked), sensor_state, bool(held))
-        rank = alloc_rank(sensor_state, bool(ahead))
+        rank = alloc_rank(sensor_state, bool(ahead), displaced(self.conn, slot))
         if new != status:
             self.conn.execute(
                 "UPDATE slots SET status = ?, since = ?, alloc_rank = ? WHERE id = ?", (new, now, rank, slot)
@@ -258,6 +258,10 @@ class RawStore:
         self._refresh(now, slot, "session.ended")
         # reconcile.session_closed: no vacate countdown any more; a car still reported in the slot is someone else's.
         self.conn.execute("DELETE FROM deadlines WHERE kind = ? AND subject = ?", ("session.vacate", session_id))
+        # ... and it forgets a slot it was re-seated away from, with that slot's deadline.
+        self.conn.execute("SELECT reseated_from, confirmed_timer FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        self.conn.execute("DELETE FROM deadlines WHERE kind = ? AND subject = ?", ("session.reseated", session_id))
+        self.conn.execute("UPDATE sessions SET reseated_from = NULL, reseated_seen = NULL WHERE id = ?", (session_id,))
         self.conn.execute("SELECT * FROM slots WHERE id = ?", (slot,)).fetchone()
         self.conn.execute("RELEASE cmd")
 
