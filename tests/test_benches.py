@@ -1,5 +1,6 @@
-"""Smoke runs of bench/lane.py and bench/drain.py with tiny numbers: they still start the real pieces, measure
-and check what they check (a drain that is not complete and in order exits non-zero). No time is asserted."""
+"""Smoke runs of the benches with tiny numbers: they still start the real pieces, measure and check what they
+check (a drain that is not complete and in order exits non-zero; allocation's raw baseline must run the writer's
+statements). No time is asserted."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from bench.allocation import check_same_sql
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,3 +41,9 @@ def test_drain_bench_smoke() -> None:
     assert out.count("| raw QoS 1 publish loop") == 2
     assert out.count("| forwarder drain of the backlog") == 1
     assert "complete and in order |" in out.splitlines()[-1]
+
+
+async def test_allocation_bench_raw_baseline_runs_the_writers_statements(tmp_path: Path) -> None:
+    # A change to what the writer executes for an entry or an exit must reach the raw baseline, or writer/raw
+    # stops meaning "our layer around the same SQL" (and the bench refuses to run).
+    assert await check_same_sql(tmp_path) > 30
