@@ -526,6 +526,36 @@ async def test_a_sensor_that_died_before_the_car_came_does_not_release_it(
     check_store(cfg)
 
 
+async def test_a_session_never_seen_is_seated_where_no_sensor_sees_after_its_grace(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", False)  # it dies now
+        await s.sensor("A-002", False)
+        await s.advance(5)
+        for _ in range(16):
+            await s.advance(60)
+            await s.sensor("A-002", False)
+        await s.published(lambda: s.slot("A-001")["sensor"] == "offline")
+        started = await s.enter("AAA111")
+        assert started["slot"] == "A-002"
+        # Its car parks over the dead sensor in A-001: A-002's live sensor never sees it.
+        for _ in range(10):
+            await s.advance(60)
+            await s.sensor("A-002", False)
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved() == [("A-002", None, "vacated"), (None, "A-001", "unseen")]
+        assert all(e["session_id"] == started["session_id"] for e in s.obs.events("session.moved"))
+        await s.published(lambda: s.slot("A-001")["session"] == started["session_id"])
+        await s.published(lambda: s.slot("A-002")["status"] == "available")
+        await s.published(lambda: s.availability()["available"] == 6)
+        # Its exit frees A-001.
+        await s.exit("AAA111")
+        await s.published(lambda: s.slot("A-001")["status"] == "available")
+    check_store(cfg)
+
+
 async def test_sensor_offline_alerts_and_its_slot_is_allocated_last(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:

@@ -21,7 +21,8 @@ step changes no outcome.
   vacancy began and within half its `offline_after` (its last word alone is no evidence for the whole grace: a
   sensor that died reporting vacant, or died before the car came, must not release the car parked over it
   before it is known offline): `alert` `session.vacated`, the session
-  runs on without a slot (`session.moved` to null), the slot is available again. Otherwise it looks again
+  runs on without a slot (`session.moved` to null), the slot is available again; one never seen in a slot is then
+  seated in a free slot whose sensor is offline, if any (`unseen`). Otherwise it looks again
   `vacate_recheck` later, until the sensor speaks or goes offline.
 - **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`). The ingress fires it
   from memory, exactly; a `sensor.offline` deadline in the store, kept at most `offline_pad` past the memory's,
@@ -328,8 +329,8 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
 @timers.on_due(VACATE)
 def _vacate(txn: Txn, session_id: str) -> None:
     row = txn.conn.execute(
-        "SELECT s.slot, s.vacant_since, t.sensor_state, t.seen_timer, t.offline_after FROM sessions s"
-        " JOIN slots t ON t.id = s.slot WHERE s.id = ? AND s.state = 'active'",
+        "SELECT s.slot, s.vacant_since, s.seated_at, t.lot, t.zone, t.sensor_state, t.seen_timer, t.offline_after"
+        " FROM sessions s JOIN slots t ON t.id = s.slot WHERE s.id = ? AND s.state = 'active'",
         (session_id,),
     ).fetchone()
     if row is None or row["sensor_state"] != "vacant":
@@ -358,6 +359,24 @@ def _vacate(txn: Txn, session_id: str) -> None:
     )
     txn.emit(SessionMoved(session_id=session_id, from_slot=slot_id, to_slot=None, reason="vacated"))
     slots.refresh(txn, slot_id, "session.moved")
+    if row["seated_at"] is None:
+        _park_unseen(txn, session_id, row["lot"], row["zone"])
+
+
+def _park_unseen(txn: Txn, session_id: str, lot: str, zone: str) -> None:
+    """A session whose car no sensor ever saw, after its vacate grace: the car is in the lot (no exit) but in no
+    slot a sensor watches, so most likely in a free one whose sensor is offline. It is seated there (`unseen`),
+    so the lot's counts hold the car; same zone first. None free: it runs on without a slot."""
+    row = txn.conn.execute(
+        "SELECT id, zone FROM slots WHERE lot = ? AND status = 'available' AND sensor_state = 'offline'"
+        " ORDER BY zone IS NOT ?, fill_order LIMIT 1",
+        (lot, zone),
+    ).fetchone()
+    if row is None:
+        return
+    txn.conn.execute("UPDATE sessions SET slot = ?, zone = ? WHERE id = ?", (row["id"], row["zone"], session_id))
+    txn.emit(SessionMoved(session_id=session_id, from_slot=None, to_slot=row["id"], reason="unseen"))
+    slots.refresh(txn, row["id"], "session.moved")
 
 
 @timers.on_due(RESEATED)
