@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 from gateway.core.domain import Enter, GateEvent, RaiseAlert
+from gateway.core.events import Alert
 from gateway.core.lanes import EVENTS_KEPT, TICKET_CHARS, money, new_ticket, sign_text
 from gateway.core.plates import normalise
 from gateway.store.audit import audit
@@ -47,6 +49,48 @@ async def test_urgent_commands_commit_first_and_alone(tmp_path: Path) -> None:
     assert [e.type for e in first.events] == ["session.started", "slot.status", "gate.opened"]
     assert [a.open for a in first.actions] == [True]
     assert sum(c.batch_size for c in commits) == 301
+
+
+async def test_a_group_commit_under_way_makes_way_for_a_car(tmp_path: Path) -> None:
+    """A car's decision that arrives while the writer applies a batch of 300 commands does not wait for the other
+    299: the batch commits what it applied, the decision commits alone next, the rest follows in its order."""
+    cfg = lot_config(tmp_path, extra=GATE)
+    writer = new_writer(cfg)
+    task = asyncio.create_task(writer.run())
+    in_batch, go = threading.Event(), threading.Event()
+
+    def hold_first_alert(sql: str) -> None:
+        # In the writer thread: the first alert's statement holds the batch until the car has been submitted.
+        if "INSERT" in sql and not in_batch.is_set():
+            in_batch.set()
+            go.wait()
+
+    loop = asyncio.get_running_loop()
+    try:
+        await writer.wait_ready()
+        assert writer._conn is not None
+        await loop.run_in_executor(writer._executor, writer._conn.set_trace_callback, hold_first_alert)
+        commits: list[Committed] = []
+        writer.add_listener(commits.append)
+        backlog = [
+            asyncio.create_task(writer.submit(RaiseAlert(code="x", severity="info", subject={}, message=str(i))))
+            for i in range(300)
+        ]
+        await loop.run_in_executor(None, in_batch.wait)  # the writer took all 300 in one batch and applies them
+        car = asyncio.create_task(writer.submit(Enter(vehicle="AB123CD", gate="in1"), urgent=True))
+        await asyncio.sleep(0)  # the car is in the priority lane
+        go.set()
+        assert (await car).ok
+        await asyncio.gather(*backlog)
+    finally:
+        go.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert commits[0].batch_size == 1  # the alert it was applying
+    assert [a.open for a in commits[1].actions] == [True] and commits[1].batch_size == 1
+    assert sum(c.batch_size for c in commits) == 301
+    alerts = [e.event.message for c in commits for e in c.events if isinstance(e.event, Alert)]
+    assert alerts == [str(i) for i in range(300)]  # committed once each, in the order submitted
 
 
 async def test_a_gate_event_is_applied_once_by_its_seq(tmp_path: Path) -> None:

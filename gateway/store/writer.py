@@ -169,6 +169,8 @@ class Writer:
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue(maxsize=10_000)
         # The priority lane: interactive decisions (a car at a barrier) commit before anything queued.
         self._urgent: deque[_Entry] = deque()
+        # The unapplied rest of a batch that made way for urgent work: it goes before the queue, in its order.
+        self._carry: deque[_Entry] = deque()
         self._work = asyncio.Event()
         self._listeners: list[Callable[[Committed], None]] = []
         self._ready = asyncio.Event()
@@ -192,7 +194,7 @@ class Writer:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + len(self._urgent)
+        return self._queue.qsize() + len(self._urgent) + len(self._carry)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -203,7 +205,8 @@ class Writer:
         A commit that fails for a passing reason is retried until it succeeds; with `give_up_after` the command
         is answered `unavailable` instead once it could not be committed for that long (it then never commits).
         `urgent` (a decision a car waits for at a barrier): it goes in the next group commit, ahead of everything
-        queued, with other urgent commands only (unbounded: their rate is that of cars).
+        queued, with other urgent commands only (unbounded: their rate is that of cars). A group commit under way
+        when it arrives stops after the command it is applying and commits that much; the rest comes after it.
         """
         if self._closed:
             raise WriterClosed("the writer has stopped")
@@ -230,7 +233,7 @@ class Writer:
         try:
             await self.start()
             while True:
-                while not self._urgent and self._queue.empty():
+                while not self._urgent and not self._carry and self._queue.empty():
                     self._work.clear()
                     await self._work.wait()
                 batch: list[_Entry] = []
@@ -246,6 +249,9 @@ class Writer:
             batch.append(urgent.popleft())
         if any(e.urgent for e in batch):
             return
+        carry = self._carry
+        while carry and len(batch) < self._batch_max:
+            batch.append(carry.popleft())
         while len(batch) < self._batch_max and not self._queue.empty():
             batch.append(self._queue.get_nowait())
 
@@ -255,15 +261,16 @@ class Writer:
         delay = RETRY_FIRST_S
         try:
             while batch:
-                work = loop.run_in_executor(self._executor, self._apply, [e.cmd for e in batch])
+                # Only a batch without urgent commands makes way for them (one with them holds nothing else).
+                yields = not any(e.urgent for e in batch)
+                work = loop.run_in_executor(self._executor, self._apply, [e.cmd for e in batch], yields)
                 try:
                     try:
                         done = await asyncio.shield(work)
                     except asyncio.CancelledError:
                         # The batch runs to its end in the thread: deliver what it committed, then stop.
                         with contextlib.suppress(_Passing):
-                            self._deliver(batch, *await work)
-                            batch = []
+                            batch = self._deliver(batch, *await work)
                         raise
                 except _Passing as exc:
                     self._failed(exc, len(batch))
@@ -272,7 +279,9 @@ class Writer:
                     delay = min(delay * 2, RETRY_MAX_S)
                     self._top_up(batch)
                     continue
-                self._deliver(batch, *done)
+                # What the batch did not apply (it made way for urgent work) goes first once that is committed.
+                self._carry.extendleft(reversed(self._deliver(batch, *done)))
+                batch = []
                 self._recovered()
                 return
         finally:
@@ -321,8 +330,9 @@ class Writer:
         raised is then not acknowledged, and the broker delivers it again after the restart).
         """
         self._closed = True
-        while self._urgent or not self._queue.empty():
-            fut = (self._urgent.popleft() if self._urgent else self._queue.get_nowait()).fut
+        while self._urgent or self._carry or not self._queue.empty():
+            lane = self._urgent if self._urgent else self._carry if self._carry else None
+            fut = (lane.popleft() if lane is not None else self._queue.get_nowait()).fut
             if not fut.done():
                 fut.set_exception(WriterClosed("the gateway stopped before committing this"))
         executor, self._executor = self._executor, None
@@ -349,21 +359,24 @@ class Writer:
         events: list[Envelope],
         next_due: tuple[float | None, float | None] | None,
         actions: list[GateAction],
-    ) -> None:
-        for entry, reply in zip(batch, replies, strict=True):
+    ) -> list[_Entry]:
+        """Answer the commands the commit applied (the first len(replies)) and tell the listeners; the rest."""
+        applied, rest = batch[: len(replies)], batch[len(replies) :]
+        for entry, reply in zip(applied, replies, strict=True):
             if not entry.fut.done():
                 entry.fut.set_result(reply)
         self.commits += 1
-        self.commands += len(batch)
+        self.commands += len(applied)
         if next_due is not None:
             self.next_due = next_due
         if events or next_due is not None or actions:
-            done = Committed(events, len(batch), next_due, actions)
+            done = Committed(events, len(applied), next_due, actions)
             for listener in self._listeners:
                 try:
                     listener(done)
                 except Exception:
                     log.exception("commit listener failed")
+        return rest
 
     # --- below runs in the writer thread only ---
 
@@ -391,7 +404,9 @@ class Writer:
     def _txn(self, conn: sqlite3.Connection) -> Txn:
         return Txn(conn, self._settings, self._key, self._clock.wall(), self._next_seq, self.timeline.now())
 
-    def _apply(self, cmds: list[Command]) -> Applied:
+    def _apply(self, cmds: list[Command], yields: bool = False) -> Applied:
+        """One group commit of `cmds`, or with `yields` of as many as were applied before urgent work came (at
+        least one): replies for those only."""
         conn = self._conn
         assert conn is not None
         txn = self._txn(conn)
@@ -400,6 +415,10 @@ class Writer:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for cmd in cmds:
+                # Read across threads without a lock: a deque's length is atomic, and a car seen one command
+                # late costs one command's time.
+                if yields and replies and self._urgent:
+                    break
                 replies.append(self._apply_one(txn, cmd))
             if txn.next_seq != self._next_seq:  # a batch without events (a Ping) writes nothing at all
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(txn.next_seq),))
@@ -417,7 +436,7 @@ class Writer:
                 raise _Passing(str(exc)) from exc
             log.error("group commit failed", error=str(exc), batch=len(cmds))
             failed = Reply.error("unavailable", "the store could not commit; try again")
-            return [failed] * len(cmds), [], None, []
+            return [failed] * len(cmds), [], None, []  # all of them, also those it did not get to
         self._next_seq = txn.next_seq
         return replies, txn.events, next_due, txn.actions
 
