@@ -6,6 +6,7 @@ import asyncio
 import threading
 from pathlib import Path
 
+from gateway.core.clock import ManualClock
 from gateway.core.domain import Enter, GateEvent, RaiseAlert
 from gateway.core.events import Alert
 from gateway.core.lanes import EVENTS_KEPT, TICKET_CHARS, money, new_ticket, sign_text
@@ -91,6 +92,37 @@ async def test_a_group_commit_under_way_makes_way_for_a_car(tmp_path: Path) -> N
     assert sum(c.batch_size for c in commits) == 301
     alerts = [e.event.message for c in commits for e in c.events if isinstance(e.event, Alert)]
     assert alerts == [str(i) for i in range(300)]  # committed once each, in the order submitted
+
+
+async def test_a_car_expected_at_a_barrier_holds_other_commits_back(tmp_path: Path) -> None:
+    """After expect_urgent (a car on loop A) the writer starts no other group commit: an alert submitted first
+    commits after the car's decision. Without a decision the hold ends after its time."""
+    clock = ManualClock()
+    cfg = lot_config(tmp_path, extra=GATE)
+    writer = new_writer(cfg, clock)
+    task = asyncio.create_task(writer.run())
+    try:
+        await writer.wait_ready()
+        commits: list[Committed] = []
+        writer.add_listener(commits.append)
+        writer.expect_urgent(1.0)
+        alert = asyncio.create_task(writer.submit(RaiseAlert(code="x", severity="info", subject={}, message="a")))
+        for _ in range(10):  # time enough for the writer to take the alert into a batch, were it free to
+            await asyncio.sleep(0)
+        assert (await writer.submit(Enter(vehicle="AB123CD", gate="in1"), urgent=True)).ok
+        assert (await alert).ok
+        assert [bool(c.actions) for c in commits] == [True, False]  # the car first, then the alert
+
+        writer.expect_urgent(1.0)
+        late = asyncio.create_task(writer.submit(RaiseAlert(code="x", severity="info", subject={}, message="b")))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(commits) == 2 and not late.done()
+        clock.advance(1.0)  # no decision came: the hold is over
+        assert (await asyncio.wait_for(late, 10)).ok
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_gate_event_is_applied_once_by_its_seq(tmp_path: Path) -> None:

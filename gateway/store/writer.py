@@ -172,6 +172,8 @@ class Writer:
         # The unapplied rest of a batch that made way for urgent work: it goes before the queue, in its order.
         self._carry: deque[_Entry] = deque()
         self._work = asyncio.Event()
+        # Monotonic time until which no batch without urgent commands starts (expect_urgent).
+        self._expect_until = 0.0
         self._listeners: list[Callable[[Committed], None]] = []
         self._ready = asyncio.Event()
         self._closed = False
@@ -220,6 +222,15 @@ class Writer:
         self._work.set()
         return await fut
 
+    def expect_urgent(self, within: float) -> None:
+        """An urgent command is about to come (a car drove onto a barrier's loop, its read follows): start no
+        other group commit for up to `within` seconds, or until an urgent one has committed.
+
+        An urgent command that arrives while a batch commits waits for that commit's work and fsync, the largest
+        part of a decision's time under sensor traffic (bench/README.md, Lane); the queue waits a moment instead.
+        """
+        self._expect_until = max(self._expect_until, self._clock.monotonic() + within)
+
     async def start(self) -> None:
         """Open the store: migrate, sync the config, load the event sequence."""
         if self._executor is not None:
@@ -236,6 +247,11 @@ class Writer:
                 while not self._urgent and not self._carry and self._queue.empty():
                     self._work.clear()
                     await self._work.wait()
+                held = self._expect_until - self._clock.monotonic()
+                if not self._urgent and held > 0:
+                    self._work.clear()
+                    await self._clock.wait(self._work, held)  # an urgent submit (or any) wakes it to look again
+                    continue
                 batch: list[_Entry] = []
                 self._top_up(batch)
                 await self._commit(batch)
@@ -279,6 +295,8 @@ class Writer:
                     delay = min(delay * 2, RETRY_MAX_S)
                     self._top_up(batch)
                     continue
+                if not yields:
+                    self._expect_until = 0.0  # what was expected has come
                 # What the batch did not apply (it made way for urgent work) goes first once that is committed.
                 self._carry.extendleft(reversed(self._deliver(batch, *done)))
                 batch = []

@@ -48,6 +48,9 @@ MODE_RETRY_S = 5.0  # a controller whose mode differs from the one asked is told
 PERSIST_EVERY_S = 1.0  # what the controller reports reaches the store at most this often, when it changed
 SIGN_IDLE = {"entry": "WELCOME", "exit": ""}
 SIGN_HOLD_S = 10.0  # a decision's sign (slot, amount due) stays at least this long before the idle sign
+# A car on loop A: its camera read (or ticket press) is expected this soon; the writer starts no other group commit
+# meanwhile. Bounded, so that a car that never gets a read holds sensor commits back by at most this much.
+EXPECT_DECISION_S = 1.0
 
 _EVENTS: dict[EventCode, GateEventCode] = {
     EventCode.PASSED: "passed",
@@ -229,6 +232,7 @@ class Lane:
         code = event.code
         if code == EventCode.ARRIVED:
             self.loops |= Loops.A
+            self._writer.expect_urgent(EXPECT_DECISION_S)
         elif code == EventCode.PASSED:
             self.loops = Loops.NONE
         elif code == EventCode.BACKED_OUT:
