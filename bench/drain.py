@@ -26,11 +26,8 @@ import json
 import os
 import platform
 import secrets
-import signal
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -42,7 +39,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.ingest import REPO, Mosquitto, cpu_seconds, wait_for_port
+from bench.ingest import REPO, Mosquitto, beside_mosquitto, cpu_seconds, wait_for_port, write_json
 from gateway.config import GatewayConfig, parse_config
 from gateway.core.domain import SensorChange, SensorChanges
 from gateway.core.plates import PlateKey
@@ -554,10 +551,6 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=100_000, help="events in the backlog (100000)")
@@ -579,24 +572,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--events, --live-rate, --slots and --live-seconds must be positive")
     opts = Options(args.events, args.live_rate, args.live_seconds, args.slots, args.repeat, args.profile)
 
-    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `finally` below runs, children included
-    with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
-        root = Path(tmp)
-        broker = Mosquitto(root)
-        try:
-            load_before = os.getloadavg()
-            results = asyncio.run(run(opts, root, broker))
-            load_after = os.getloadavg()
-            version = broker.version()
-        finally:
-            broker.stop()
+    results, run_meta = beside_mosquitto("bench-drain-", lambda root, broker: run(opts, root, broker))
+    version, load_before, load_after = run_meta["mosquitto"], run_meta["loadavg_before"], run_meta["loadavg_after"]
     meta = {
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "mosquitto": version,
-        "nproc": os.cpu_count(),
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
+        **run_meta,
         "options": asdict(opts),
     }
     fills = ", ".join(f"{f:.1f}" for f in results["fill_s"])
@@ -606,13 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after\n"
     )
     print(table(results))
-    if args.json is not None:
-        doc = json.dumps({"run": meta, "results": results}, indent=2)
-        if str(args.json) == "-":
-            print(doc)
-        else:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(doc + "\n")
+    write_json(args.json, meta, results)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiomqtt
 
@@ -52,6 +53,7 @@ NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 REPO = Path(__file__).resolve().parent.parent
 
 Message = tuple[str, bytes]
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -681,6 +683,44 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def beside_mosquitto(prefix: str, run: Callable[[Path, Mosquitto], Coroutine[Any, Any, T]]) -> tuple[T, dict[str, Any]]:
+    """`run(workdir, broker)` with a fresh Mosquitto in a temporary directory, both gone however it ends (SIGTERM
+    stops it like Ctrl-C: every `finally` runs, children included); also what the run was: versions, cores, load
+    average before and after."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        root = Path(tmp)
+        broker = Mosquitto(root)
+        try:
+            load_before = os.getloadavg()
+            results = asyncio.run(run(root, broker))
+            load_after = os.getloadavg()
+            version = broker.version()
+        finally:
+            broker.stop()
+    meta = {
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "mosquitto": version,
+        "nproc": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
+    return results, meta
+
+
+def write_json(path: Path | None, meta: dict[str, Any], results: Any) -> None:
+    """`--json PATH` (`-`: stdout)."""
+    if path is None:
+        return
+    doc = json.dumps({"run": meta, "results": results}, indent=2)
+    if str(path) == "-":
+        print(doc)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(doc + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=100_000, help="sensor messages per measurement (100000)")
@@ -723,24 +763,10 @@ def main(argv: list[str] | None = None) -> None:
         tuple(args.mqtt_version or ("5", "3.1.1")),
     )
 
-    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `finally` below runs, children included
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        root = Path(tmp)
-        broker = Mosquitto(root)
-        try:
-            load_before = os.getloadavg()
-            results = asyncio.run(run(opts, root, broker))
-            load_after = os.getloadavg()
-            version = broker.version()
-        finally:
-            broker.stop()
+    results, run_meta = beside_mosquitto("bench-ingest-", lambda root, broker: run(opts, root, broker))
+    version, load_before, load_after = run_meta["mosquitto"], run_meta["loadavg_before"], run_meta["loadavg_after"]
     meta = {
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "mosquitto": version,
-        "nproc": os.cpu_count(),
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
+        **run_meta,
         "slots": opts.slots,
         "debounce_s": DEBOUNCE,
     }
@@ -750,13 +776,7 @@ def main(argv: list[str] | None = None) -> None:
         f" Python {platform.python_version()}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after\n"
     )
     print(table(results))
-    if args.json is not None:
-        doc = json.dumps({"run": meta, "results": results}, indent=2)
-        if str(args.json) == "-":
-            print(doc)
-        else:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(doc + "\n")
+    write_json(args.json, meta, results)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,8 @@ import os
 import platform
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tty
@@ -39,7 +37,17 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.ingest import NODELAY, REPO, Mosquitto, _terminate, cpu_seconds, mqtt_client, wait_for_port
+from bench.ingest import (
+    NODELAY,
+    REPO,
+    Mosquitto,
+    _terminate,
+    beside_mosquitto,
+    cpu_seconds,
+    mqtt_client,
+    wait_for_port,
+    write_json,
+)
 from drivers.gcp1 import Open, encode
 from gateway.store.schema import connect, db_path
 from simulators import rfc3339
@@ -447,10 +455,6 @@ def table(res: dict[str, Any], rate: int) -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.lane", description=__doc__.split("\n\n")[0])
     ap.add_argument("--entries", type=int, default=1000, help="measured entries per path and condition (1000)")
@@ -482,24 +486,10 @@ def main(argv: list[str] | None = None) -> None:
     profile = args.profile.resolve() if args.profile else None
     opts = Options(args.entries, args.block, args.warmup, args.rate, args.sensors, args.tick, profile)
 
-    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every `finally` below runs, children included
-    with tempfile.TemporaryDirectory(prefix="bench-lane-") as tmp:
-        root = Path(tmp)
-        broker = Mosquitto(root)
-        try:
-            load_before = os.getloadavg()
-            results = asyncio.run(run(opts, root, broker))
-            load_after = os.getloadavg()
-            version = broker.version()
-        finally:
-            broker.stop()
+    results, run_meta = beside_mosquitto("bench-lane-", lambda root, broker: run(opts, root, broker))
+    version, load_before, load_after = run_meta["mosquitto"], run_meta["loadavg_before"], run_meta["loadavg_after"]
     meta = {
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "mosquitto": version,
-        "nproc": os.cpu_count(),
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
+        **run_meta,
         "options": {**asdict(opts), "profile": str(opts.profile) if opts.profile else None},
     }
     lp = results.get("load_publisher", {})
@@ -511,13 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after\n"
     )
     print(table(results, opts.rate))
-    if args.json is not None:
-        doc = json.dumps({"run": meta, "results": results}, indent=2)
-        if str(args.json) == "-":
-            print(doc)
-        else:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(doc + "\n")
+    write_json(args.json, meta, results)
 
 
 if __name__ == "__main__":
