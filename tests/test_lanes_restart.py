@@ -46,6 +46,8 @@ async def test_an_event_redelivered_after_a_restart_is_applied_once(tmp_path: Pa
             entry.vehicle_arrives()
             await obs.pub("cameras/cam-in1/reads", {"event_id": "e1", "plate": "AB123CD"})
             await until(lambda: entry.barrier == BarrierState.OPEN)
+            # Every event so far acknowledged (OPENED's ACK may still be on its way): the ACK lost is PASSED's.
+            await until(lambda: not entry.unacked)
             entry.lose_host_acks(1)  # PASSED is committed, its ACK never reaches the controller
             await entry.vehicle_passes()
             (first,) = await obs.wait_for(lambda: obs.events("session.confirmed"))
