@@ -94,9 +94,19 @@ class Observer:
     retained: dict[str, bytes] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def events(self, type_: str | None = None) -> list[dict[str, Any]]:
+    def events(self, type_: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """The live events seen so far, of `type_` and with the fields in `match`, in order."""
         out = [json.loads(p) for t, p, _ in self.messages if t == f"{R}/events"]
-        return [e for e in out if type_ is None or e["type"] == type_]
+        return [
+            e for e in out if (type_ is None or e["type"] == type_) and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    async def wait_event(self, type_: str, count: int = 1, **match: Any) -> list[dict[str, Any]]:
+        """Until `count` such events have come; all of them so far."""
+        found: list[dict[str, Any]] = await self.wait_for(
+            lambda: len(self.events(type_, **match)) >= count and self.events(type_, **match)
+        )
+        return found
 
     def state(self, topic: str) -> Any:
         raw = self.retained.get(topic)

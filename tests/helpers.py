@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -14,7 +18,8 @@ from gateway.core.plates import PlateKey
 from gateway.store.schema import connect, db_path
 from gateway.store.writer import Writer
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+REPO = Path(__file__).resolve().parent.parent
+SCHEMAS = REPO / "docs" / "schemas"
 # The exported files, not the models: integrators validate against what is published.
 EVENTS_SCHEMA = jsonschema.Draft202012Validator(
     json.loads((SCHEMAS / "events.schema.json").read_text()), format_checker=jsonschema.FormatChecker()
@@ -63,3 +68,26 @@ def new_writer(cfg: GatewayConfig, clock: Clock = SYSTEM_CLOCK) -> Writer:
 
 def reader(cfg: GatewayConfig) -> sqlite3.Connection:
     return connect(db_path(cfg.state_path()), readonly=True)
+
+
+def spawn_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`python -m gateway run` in its own process, its output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a clean stop), SIGKILL after 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

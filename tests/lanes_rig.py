@@ -86,13 +86,10 @@ class Lanes:
     cfg: GatewayConfig
 
     def events(self, type_: str, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self.obs.events(type_) if all(e.get(k) == v for k, v in match.items())]
+        return self.obs.events(type_, **match)
 
     async def wait_event(self, type_: str, count: int = 1, **match: Any) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = await self.obs.wait_for(
-            lambda: len(self.events(type_, **match)) >= count and self.events(type_, **match)
-        )
-        return found
+        return await self.obs.wait_event(type_, count, **match)
 
     async def read(self, camera: str, plate: str, **extra: Any) -> None:
         await self.obs.pub(f"cameras/{camera}/reads", {"event_id": uuid.uuid4().hex, "plate": plate, **extra})

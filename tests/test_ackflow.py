@@ -26,9 +26,8 @@ from gateway.store.audit import audit
 from gateway.store.schema import connect, db_path
 from tests.conftest import MosquittoProcess, free_port
 from tests.harness import R, observer, running, site_config
-from tests.helpers import reader
+from tests.helpers import reader, spawn_daemon, stop_daemon
 
-REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
 
 
@@ -51,28 +50,14 @@ class Daemon:
 
     def __init__(self, config: Path, log: Path) -> None:
         self.log = log
-        self._out = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=self._out,
-            stderr=self._out,
-        )
+        self.proc = spawn_daemon(config, log)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-        self._out.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
+        stop_daemon(self.proc)
 
     async def logged(self, text: str) -> None:
         async with asyncio.timeout(DEADLINE):

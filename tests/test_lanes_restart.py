@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from simulators.barrier import BarrierSim, BarrierState, Timings, wire
 from tests.conftest import free_port
 from tests.gcp1_helpers import until
 from tests.harness import Observer, R, observer, running
-from tests.helpers import reader
+from tests.helpers import reader, spawn_daemon, stop_daemon
 from tests.lanes_rig import TIMINGS, lane_config, lane_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,27 +103,6 @@ def _event(tmp: Path, type_: str) -> dict[str, Any] | None:
     return None if row is None else dict(json.loads(row[0]))
 
 
-def _daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _cli(command: str, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", command, "--config", str(config), *args],
@@ -147,7 +125,7 @@ async def test_kill_9_between_commit_and_open_then_restart(tmp_path: Path) -> No
     exit_ = BarrierSim(tmp_path / "ttyOUT1", timings=TIMINGS)
     await entry.start()
     await exit_.start()
-    proc = _daemon(config, log)
+    proc = spawn_daemon(config, log)
     try:
         for car, plate in enumerate(("AB123CD", "CD456EF")):
             async with observer_when_up(port) as obs:
@@ -162,7 +140,7 @@ async def test_kill_9_between_commit_and_open_then_restart(tmp_path: Path) -> No
             if car == 1:
                 await asyncio.sleep(PASS_TIMEOUT + 0.5)  # past the pass timeout while the gateway is down
             entry.replug()
-            proc = _daemon(config, log)
+            proc = spawn_daemon(config, log)
             async with observer_when_up(port) as obs:
                 if car == 0:
                     await until(lambda: entry.barrier == BarrierState.OPEN, timeout=20)
@@ -177,7 +155,7 @@ async def test_kill_9_between_commit_and_open_then_restart(tmp_path: Path) -> No
                     assert len([c for c in entry.commands if c.cmd == wire.OPEN]) == opens
                     entry.vehicle_backs_out()
                 await until(lambda: not entry.loop_a and entry.barrier == BarrierState.CLOSED, timeout=10)
-        _stop(proc)
+        stop_daemon(proc)
         result = _cli("audit", config)
         assert result.returncode == 0, result.stdout + result.stderr
         status = json.loads(_cli("status", config, "--json").stdout)

@@ -105,13 +105,10 @@ class Site:
                               end=self.at(end), **kw)  # fmt: skip
 
     def events(self, type_: str, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self.obs.events(type_) if all(e.get(k) == v for k, v in match.items())]
+        return self.obs.events(type_, **match)
 
     async def wait_event(self, type_: str, count: int = 1, **match: Any) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = await self.obs.wait_for(
-            lambda: len(self.events(type_, **match)) >= count and self.events(type_, **match)
-        )
-        return found
+        return await self.obs.wait_event(type_, count, **match)
 
     async def slot_status(self, slot: str, status: str) -> None:
         await self.obs.wait_for(lambda: (self.obs.state(f"{R}/slots/{slot}") or {}).get("status") == status)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,30 +14,8 @@ import aiomqtt
 from gateway.store.audit import audit
 from gateway.store.schema import connect, db_path
 from tests.conftest import MosquittoProcess, free_port
+from tests.helpers import spawn_daemon, stop_daemon
 from tests.upstream_rig import rig, subscriber, upstream_config
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def outbox_rows(state: Path) -> int:
@@ -72,7 +47,7 @@ async def test_kill_9_during_a_drain_then_restart(tmp_path: Path, mosquitto: Mos
     toml.write_text(text)
     log = tmp_path / "daemon.log"
     async with subscriber([("127.0.0.1", mosquitto.port)]) as sub:
-        first = daemon(toml, log)
+        first = spawn_daemon(toml, log)
         try:
             # Kill once the drain is under way: a fifth of the backlog acknowledged and deleted.
             deadline = time.monotonic() + 30
@@ -81,11 +56,11 @@ async def test_kill_9_during_a_drain_then_restart(tmp_path: Path, mosquitto: Mos
             first.send_signal(signal.SIGKILL)
             first.wait()
         finally:
-            stop(first)
+            stop_daemon(first)
         left = outbox_rows(state)
         got = sub.count
         assert 0 < left < n, f"the kill came too late or too early: {left} of {n} left, {got} received"
-        second = daemon(toml, log)
+        second = spawn_daemon(toml, log)
         try:
             await sub.until_seqs(n, timeout=60)
             assert sub.distinct() == list(range(1, n + 1))
@@ -100,7 +75,7 @@ async def test_kill_9_during_a_drain_then_restart(tmp_path: Path, mosquitto: Mos
             await sub.wait_for(lambda: sub.count > n, timeout=20)
             assert sub.distinct()[n:][0] == n + 1
         finally:
-            stop(second)
+            stop_daemon(second)
     conn = connect(db_path(state), readonly=True)
     try:
         assert audit(conn) == []
