@@ -124,6 +124,21 @@ def test_flapping_emits_nothing_until_a_state_holds() -> None:
     assert tracker.due(9) == [Transition("s1", True, 4)]
 
 
+def test_arriving_lists_the_sensors_debouncing_an_occupancy() -> None:
+    tracker = SensorTracker(debounce=5)
+    tracker.seed("s1", False)
+    tracker.seed("s2", True)
+    tracker.observe(obs(True, sensor="s1"), 0)
+    tracker.observe(obs(False, sensor="s2"), 0)  # debouncing a vacancy: not arriving
+    assert tracker.arriving() == {"s1"}
+    tracker.observe(obs(False, sensor="s1"), 1)  # a flap, over
+    assert tracker.arriving() == frozenset()
+    tracker.observe(obs(True, sensor="s1"), 2)
+    assert tracker.arriving() == {"s1"}
+    assert tracker.due(7) == [Transition("s2", False, 0), Transition("s1", True, 2)]
+    assert tracker.arriving() == frozenset()  # on its way to the store: the store is told by the change itself
+
+
 def test_flap_back_to_committed_state_cancels_the_change() -> None:
     tracker = SensorTracker(debounce=5)
     tracker.seed("s1", True)
@@ -229,6 +244,7 @@ def test_emitted_transitions_alternate_and_held_for_debounce(
         deadline = tracker.next_deadline()
         emitted = tracker.due(now)
         assert (deadline is not None and deadline <= now) or not emitted
+        assert tracker.arriving() == {s for s, state in tracker._sensors.items() if state.pending is True}
         for transition in emitted:
             log = accepted[transition.sensor_id]
             assert transition.occupied != last_emitted[transition.sensor_id]

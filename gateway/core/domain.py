@@ -140,9 +140,14 @@ class SensorChange:
 
 @dataclass(frozen=True, slots=True)
 class SensorChanges(Command):
-    """Sensor transitions applied as one command: the ingest path hands them over in batches."""
+    """Sensor transitions applied as one command: the ingest path hands them over in batches.
+
+    `arriving`: sensors whose occupancy the ingress is still debouncing when it hands these over (a car that has
+    just parked in that slot); the store does not know it yet, but a session whose own slot is one of them is
+    not the owner of a car found elsewhere."""
 
     changes: tuple[SensorChange, ...]
+    arriving: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

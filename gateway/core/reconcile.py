@@ -8,7 +8,9 @@ step changes no outcome.
   On a free slot (no active session, blocked or not): the slot leaves availability, and the nearest unseated
   session of the lot is re-seated there (`session.moved`, its old slot freed) — one confirmed before the car was
   first seen and less than `arrival_window` ago, or one roaming without a slot; those on their way for less than
-  `drive_time` first, then same zone, then one whose slot's sensor would have seen it arrive, then the oldest.
+  `drive_time` first, then same zone, then one whose slot's sensor would have seen it arrive, then the oldest;
+  last of all one whose own slot's sensor is debouncing a car (the ingress's `SensorChanges.arriving`, or a later
+  change of the same batch): its car has most likely just parked there.
   Without one: `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a
   car, where a seated session whose own slot reports vacant comes first: the nearest-candidate rule can seat two
   cars' sessions crosswise, and when one of them leaves this is where the other swaps back.
@@ -94,11 +96,13 @@ def _offline_after(txn: Txn, slot: sqlite3.Row) -> float:
 
 
 def sensor_changes(txn: Txn, cmd: SensorChanges) -> dict[str, Any]:
-    changed = [slot for change in cmd.changes if (slot := _sensor_change(txn, change)) is not None]
+    # Cars just parked: still debounced by the ingress, or further on in this batch.
+    arriving = cmd.arriving | {c.sensor for c in cmd.changes if c.state == "occupied"}
+    changed = [slot for change in cmd.changes if (slot := _sensor_change(txn, change, arriving)) is not None]
     return {"changed": changed}
 
 
-def _sensor_change(txn: Txn, cmd: SensorChange) -> str | None:
+def _sensor_change(txn: Txn, cmd: SensorChange, arriving: frozenset[str] = frozenset()) -> str | None:
     """Apply one transition; the slot id when it changed something, None for a no-op or an unknown sensor."""
     slot = txn.conn.execute("SELECT * FROM slots WHERE sensor = ?", (cmd.sensor,)).fetchone()
     if slot is None or slot["sensor_state"] == cmd.state:
@@ -133,7 +137,7 @@ def _sensor_change(txn: Txn, cmd: SensorChange) -> str | None:
             due = txn.timer_now + _offline_after(txn, slot) + txn.settings.offline_pad
             timers.schedule(txn, OFFLINE, cmd.sensor, due)
         if cmd.state == "occupied":
-            _occupied(txn, slot, session, _timer_at(txn, cmd.at))
+            _occupied(txn, slot, session, _timer_at(txn, cmd.at), arriving=arriving)
         elif session is not None and session["confirmed_timer"] is not None:
             if not _take_back(txn, slot, session, cmd.at):
                 _start_vacancy(txn, session["id"], _timer_at(txn, cmd.at))
@@ -141,8 +145,17 @@ def _sensor_change(txn: Txn, cmd: SensorChange) -> str | None:
     return slot_id
 
 
-def _occupied(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row | None, seen: float, *, swap: bool = False) -> None:
-    """A car in the slot, first seen at `seen` (Timeline): seat its session, or find the one it belongs to."""
+def _occupied(
+    txn: Txn,
+    slot: sqlite3.Row,
+    session: sqlite3.Row | None,
+    seen: float,
+    *,
+    swap: bool = False,
+    arriving: frozenset[str] = frozenset(),
+) -> None:
+    """A car in the slot, first seen at `seen` (Timeline): seat its session, or find the one it belongs to.
+    `arriving`: sensors known to see a car that the store does not have yet (`SensorChanges.arriving`)."""
     slot_id: str = slot["id"]
     if session is not None:
         timers.cancel(txn, VACATE, session["id"])
@@ -156,13 +169,13 @@ def _occupied(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row | None, seen: fl
         " WHERE reseated_from = ? AND state = 'active' AND confirmed_timer >= ?",
         (slot_id, seen - txn.settings.drive_time),
     ).fetchone()
-    if returning is not None and _returns(txn, slot, returning, seen):
-        _return(txn, slot, returning, seen)
+    if returning is not None and _returns(txn, slot, returning, seen, arriving):
+        _return(txn, slot, returning, seen, arriving)
         return
     candidate = _crossed(txn, slot) if swap else None
     crossed = candidate is not None
     if candidate is None:
-        candidate = _on_its_way(txn, slot, seen)
+        candidate = _on_its_way(txn, slot, seen, arriving)
     if candidate is None:
         txn.alert(
             "slot.unregistered_occupancy",
@@ -184,24 +197,26 @@ def _occupied(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row | None, seen: fl
         slots.refresh(txn, from_slot, "session.moved")
 
 
-def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float) -> sqlite3.Row | None:
-    """The session on its way that a car first seen in `slot` at `seen` most likely belongs to, or None."""
+def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[str] = frozenset()) -> sqlite3.Row | None:
+    """The session on its way that a car first seen in `slot` at `seen` most likely belongs to, or None.
+
+    Last of all, one whose own slot's sensor is `arriving`: its car has most likely just parked there."""
     # On its way when the car was first seen (not when the debounce let it count): confirmed before then, and no
     # longer ago than arrival_window (unless it has no slot).
-    row: sqlite3.Row | None = txn.conn.execute(
-        "SELECT s.id, s.slot FROM sessions s INDEXED BY sessions_unseated LEFT JOIN slots t ON t.id = s.slot"
+    candidates: list[sqlite3.Row] = txn.conn.execute(
+        "SELECT s.id, s.slot, t.sensor FROM sessions s INDEXED BY sessions_unseated LEFT JOIN slots t ON t.id = s.slot"
         " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.confirmed_timer <= ?"
         " AND (s.slot IS NULL OR s.confirmed_timer >= ?)"
         # Plausible first: on its way for less than drive_time. Then same zone; then one whose own slot's sensor
         # would have seen it arrive; then the oldest.
         " ORDER BY s.slot IS NULL OR s.confirmed_timer < ?, s.zone IS NOT ?, t.sensor_state IS NOT 'vacant',"
-        " s.confirmed_timer, s.started_at, s.id LIMIT 1",
+        " s.confirmed_timer, s.started_at, s.id",
         (slot["lot"], seen, seen - txn.settings.arrival_window, seen - txn.settings.drive_time, slot["zone"]),
-    ).fetchone()
-    return row
+    ).fetchall()  # a handful: the sessions on their way
+    return next((c for c in candidates if c["sensor"] not in arriving), candidates[0] if candidates else None)
 
 
-def _returns(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float) -> bool:
+def _returns(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float, arriving: frozenset[str]) -> bool:
     """Whether the car in `slot` is taken for the returning session's (`row`) rather than for one on its way.
 
     Yes, unless the slot it was re-seated to would be left with a car nobody is on the way for while this car
@@ -211,7 +226,10 @@ def _returns(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float) -> bool
     was = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (row["slot"],)).fetchone()
     if was["sensor_state"] != "occupied":
         return True
-    return _on_its_way(txn, was, row["reseated_seen"]) is not None or _on_its_way(txn, slot, seen) is None
+    return (
+        _on_its_way(txn, was, row["reseated_seen"], arriving) is not None
+        or _on_its_way(txn, slot, seen, arriving) is None
+    )
 
 
 def _set_reseated_from(txn: Txn, session_id: str, from_slot: str | None, seen: float | None = None) -> None:
@@ -235,7 +253,7 @@ def _set_reseated_from(txn: Txn, session_id: str, from_slot: str | None, seen: f
         slots.refresh(txn, row["reseated_from"], "session.moved")
 
 
-def _return(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float) -> None:
+def _return(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float, arriving: frozenset[str]) -> None:
     """A car in the slot a session on its way was re-seated away from: its car came after all. The session goes
     back; the slot it was re-seated to, if it still reports a car, holds someone else's and is matched again.
     If nobody's (no candidate), the session remembers it: should this car vanish within `reseat_settle` (a flap
@@ -252,7 +270,7 @@ def _return(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float) -> None:
         return
     other = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (was,)).fetchone()
     if other["sensor_state"] == "occupied":
-        _occupied(txn, other, None, row["reseated_seen"])  # judged as when that car was first seen there
+        _occupied(txn, other, None, row["reseated_seen"], arriving=arriving)  # judged as when that car was first seen
         if slots.active_session_on(txn.conn, was) is None:
             _set_reseated_from(txn, session_id, was, seen)
     slots.refresh(txn, was, "session.moved")

@@ -106,6 +106,7 @@ class SensorTracker:
         self._deadlines: list[tuple[float, str, int]] = []
         # States that held for `debounce` and were then replaced before due() ran (a busy loop): still owed.
         self._ready: list[tuple[float, Transition]] = []
+        self._arriving: set[str] = set()  # sensors debouncing an occupancy
 
     def seed(self, sensor_id: str, occupied: bool | None) -> None:
         """Set the committed state from the store, so only real changes are emitted."""
@@ -114,7 +115,7 @@ class SensorTracker:
         sensor = self._sensors.setdefault(sensor_id, _Sensor())
         sensor.emitted = occupied
         if sensor.pending is not None and sensor.pending == occupied:
-            self._clear_pending(sensor)
+            self._clear_pending(sensor_id, sensor)
 
     def last_seen(self, sensor_id: str) -> float | None:
         """When the last accepted message of this sensor arrived, heartbeats included."""
@@ -144,11 +145,15 @@ class SensorTracker:
             # The pending state has held long enough; that due() has not run yet must not turn it into a flap.
             self._promote(obs.sensor_id, sensor)
         if obs.occupied == _target(sensor):
-            self._clear_pending(sensor)  # back to the committed state (or the one on its way): a flap
+            self._clear_pending(obs.sensor_id, sensor)  # back to the committed state (or the one on its way): a flap
             return verdict
         sensor.pending = obs.occupied
         sensor.pending_since = now
         sensor.generation += 1
+        if obs.occupied:
+            self._arriving.add(obs.sensor_id)
+        else:
+            self._arriving.discard(obs.sensor_id)
         heapq.heappush(self._deadlines, (now + self._debounce, obs.sensor_id, sensor.generation))
         return verdict
 
@@ -157,7 +162,7 @@ class SensorTracker:
         transition = Transition(sensor_id, sensor.pending, sensor.pending_since)
         self._ready.append((sensor.pending_since + self._debounce, transition))
         sensor.inflight = transition
-        self._clear_pending(sensor)
+        self._clear_pending(sensor_id, sensor)
 
     def due(self, now: float) -> list[Transition]:
         """Pending states that have held for `debounce`, oldest deadline first; report each one's commit."""
@@ -171,7 +176,7 @@ class SensorTracker:
             transition = Transition(sensor_id, sensor.pending, sensor.pending_since)
             transitions.append(transition)
             sensor.inflight = transition
-            self._clear_pending(sensor)
+            self._clear_pending(sensor_id, sensor)
         return transitions
 
     def committed(self, transitions: list[Transition]) -> None:
@@ -195,8 +200,13 @@ class SensorTracker:
                     sensor.inflight = t
                     self._ready.append((now + RETRY_S, t))
             elif sensor.pending == sensor.emitted:
-                self._clear_pending(sensor)  # changed back while on its way: the store already has it
+                self._clear_pending(t.sensor_id, sensor)  # changed back while on its way: the store already has it
             # else: the newer pending state differs from the store and comes due by itself
+
+    def arriving(self) -> frozenset[str]:
+        """Sensors whose occupancy is still being debounced (a car that has just parked, or a flap): not yet in
+        the store, but a car there is not on its way to anywhere else."""
+        return frozenset(self._arriving)
 
     def offline_after(self, sensor_id: str) -> float | None:
         return self._offline_overrides.get(sensor_id, self._offline_after)
@@ -264,9 +274,10 @@ class SensorTracker:
             return Verdict.OUT_OF_ORDER
         return Verdict.ACCEPTED
 
-    def _clear_pending(self, sensor: _Sensor) -> None:
+    def _clear_pending(self, sensor_id: str, sensor: _Sensor) -> None:
         sensor.pending = None
         sensor.generation += 1
+        self._arriving.discard(sensor_id)
 
 
 def _target(sensor: _Sensor) -> bool | None:

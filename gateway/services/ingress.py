@@ -364,8 +364,11 @@ class Ingress:
                 due.append(SensorChange(sensor=sensor, state="offline", at=seen + to_wall))
                 self._stored.pop(sensor, None)
                 self._to_store.pop(sensor, None)
+            # What a pick for a car found in a slot may need to know (gateway/core/reconcile.py).
+            picks = any(c.state == "occupied" for c in due)
+            arriving = self.tracker.arriving() if picks else frozenset()
             for i in range(0, len(due), SENSOR_BATCH):
-                cmd = SensorChanges(changes=tuple(due[i : i + SENSOR_BATCH]))
+                cmd = SensorChanges(changes=tuple(due[i : i + SENSOR_BATCH]), arriving=arriving)
                 self._transitions[id(cmd)] = transitions[i : i + SENSOR_BATCH]
                 self._pending.append(cmd)
             await self._submit_pending()
