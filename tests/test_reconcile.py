@@ -440,6 +440,56 @@ async def test_sessions_seated_crosswise_swap_back_when_one_leaves(tmp_path: Pat
     check_store(cfg)
 
 
+async def test_a_car_on_its_way_to_the_exit_is_not_swapped_in_for_a_car_left_behind(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.enter("AAA111")  # A-001
+        await s.sensor("A-001", True)
+        await s.advance(1000, step=60)
+        assert (await s.enter("BBB222"))["slot"] == "A-002"
+        await s.advance(30)
+        await s.sensor("A-002", True)  # a car without a session: taken for BBB222's
+        await s.advance(5)
+        await s.sensor("B-001", True)  # BBB222's car: nobody left on the way for it
+        await s.advance(600, step=60)
+        await s.published(lambda: len(s.alerts("slot.unregistered_occupancy")) == 1)
+        # AAA111's car leaves for the exit; BBB222's leaves too and exits, while A-002 still reports a car.
+        await s.sensor("A-001", False)
+        await s.advance(5)
+        await s.sensor("B-001", False)
+        await s.advance(30)
+        await s.exit("BBB222")
+        # AAA111, confirmed 1,030 s before BBB222, was no crosswise pick with it: its car is on its way out,
+        # its slot stays taken until it has left, and the car in A-002 is nobody's.
+        await s.published(lambda: len(s.alerts("slot.unregistered_occupancy")) == 2)
+        assert s.alerts("slot.unregistered_occupancy")[1]["subject"] == {"slot": "A-002"}
+        assert s.moved() == []
+        await s.published(lambda: s.slot("A-001")["status"] == "occupied")
+        await s.exit("AAA111")
+        await s.published(lambda: s.slot("A-001")["status"] == "available")
+    check_store(cfg)
+
+
+async def test_a_car_left_behind_by_a_silent_sensor_is_nobody_s(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.enter("AAA111")  # A-001
+        await s.sensor("A-001", True)
+        await s.advance(500, step=60)  # and then not a word from A-001's sensor (dead, not yet offline)
+        bbb = await s.enter("BBB222")  # A-002
+        await s.advance(30)
+        await s.exit("AAA111")
+        # A-001's last report is 535 s old (more than half its offline_after): the car it saw may be AAA111's,
+        # gone now. Taking BBB222, on its way, for it would hold A-001 for a car that is not there.
+        await s.published(lambda: s.alerts("slot.unregistered_occupancy"))
+        assert s.alerts("slot.unregistered_occupancy")[0]["subject"] == {"slot": "A-001"}
+        assert s.moved() == []
+        await s.published(lambda: s.slot("A-002")["session"] == bbb["session_id"])
+    check_store(cfg)
+
+
 async def test_arrival_window_counts_from_confirmation(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:

@@ -12,8 +12,11 @@ step changes no outcome.
   last of all one whose own slot's sensor is debouncing a car (the ingress's `SensorChanges.arriving`, or a later
   change of the same batch): its car has most likely just parked there.
   Without one: `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a
-  car, where a seated session whose own slot reports vacant comes first: the nearest-candidate rule can seat two
-  cars' sessions crosswise, and when one of them leaves this is where the other swaps back.
+  car, where a seated session whose own slot reports vacant and that was confirmed within `drive_time` of the
+  ended one comes first: the nearest-candidate rule can seat two cars' sessions crosswise (both on their way at
+  once), and when one of them leaves this is where the other swaps back; any other session with a vacant slot is
+  most likely a car on its way to the exit. Unless that sensor has not been heard within half its `offline_after`:
+  its car may be the one that has just left, so only the alert.
 - **Re-seats can be taken back.** The slot a session on its way was re-seated away from is remembered for its
   arrival window (`session.reseated`) and allocated last in its tier. A car found there soon enough is that
   session's after all: it goes back, and the car it had been re-seated to is matched again. A re-seat whose car
@@ -151,11 +154,12 @@ def _occupied(
     session: sqlite3.Row | None,
     seen: float,
     *,
-    swap: bool = False,
+    swap: float | None = None,
     arriving: frozenset[str] = frozenset(),
 ) -> None:
     """A car in the slot, first seen at `seen` (Timeline): seat its session, or find the one it belongs to.
-    `arriving`: sensors known to see a car that the store does not have yet (`SensorChanges.arriving`)."""
+    `swap`: the slot's session has just ended and had been confirmed then (Timeline; None: never); `arriving`:
+    sensors known to see a car that the store does not have yet (`SensorChanges.arriving`)."""
     slot_id: str = slot["id"]
     if session is not None:
         timers.cancel(txn, VACATE, session["id"])
@@ -172,17 +176,12 @@ def _occupied(
     if returning is not None and _returns(txn, slot, returning, seen, arriving):
         _return(txn, slot, returning, seen, arriving)
         return
-    candidate = _crossed(txn, slot) if swap else None
+    candidate = None if swap is None else _crossed(txn, slot, swap)
     crossed = candidate is not None
     if candidate is None:
         candidate = _on_its_way(txn, slot, seen, arriving)
     if candidate is None:
-        txn.alert(
-            "slot.unregistered_occupancy",
-            "warning",
-            {"slot": slot_id},
-            f"slot {slot_id} reports a vehicle without a session since {iso_ms(_wall_at(txn, seen))}",
-        )
+        _unregistered(txn, slot_id, seen)
         return
     session_id, from_slot = candidate["id"], candidate["slot"]
     txn.conn.execute(
@@ -195,6 +194,23 @@ def _occupied(
     txn.emit(SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=slot_id, reason="reseated"))
     if from_slot is not None:
         slots.refresh(txn, from_slot, "session.moved")
+
+
+def _unregistered(txn: Txn, slot_id: str, seen: float) -> None:
+    txn.alert(
+        "slot.unregistered_occupancy",
+        "warning",
+        {"slot": slot_id},
+        f"slot {slot_id} reports a vehicle without a session since {iso_ms(_wall_at(txn, seen))}",
+    )
+
+
+def _heard_lately(txn: Txn, slot: sqlite3.Row) -> bool:
+    """Whether the slot's sensor was heard within half its offline_after: well above how far the stored
+    seen_timer lags a live sensor (about 4 x sensor_seen_flush plus its heartbeat), so what it said last is still
+    evidence; a sensor silent that long may have died with a car over it that has left since."""
+    seen = slot["seen_timer"]
+    return seen is not None and seen >= txn.timer_now - _offline_after(txn, slot) / 2
 
 
 def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[str] = frozenset()) -> sqlite3.Row | None:
@@ -307,14 +323,21 @@ def _start_vacancy(txn: Txn, session_id: str, since: float) -> None:
     timers.schedule(txn, VACATE, session_id, since + txn.settings.vacate_grace)
 
 
-def _crossed(txn: Txn, slot: sqlite3.Row) -> sqlite3.Row | None:
-    """A seated session whose own slot reports vacant (its vacate countdown runs): its car is not where the store
-    has it. Found through the countdowns, a handful of rows; same zone first, the latest vacancy first."""
+def _crossed(txn: Txn, slot: sqlite3.Row, confirmed: float) -> sqlite3.Row | None:
+    """A seated session whose own slot reports vacant (its vacate countdown runs), seated crosswise with the
+    session that has just ended in `slot` (confirmed at `confirmed`): its car is not where the store has it.
+
+    Two sessions are seated crosswise when the nearest-candidate rule took one car for the other's while both
+    were on their way, so they were confirmed within `drive_time` of each other; the nearest first, then the
+    latest vacancy. Any other session with a vacant slot is most likely a car on its way to the exit, and
+    taking that for this car would free its slot before it has left (and start the same again when it does).
+    Found through the countdowns, a handful of rows."""
     row: sqlite3.Row | None = txn.conn.execute(
-        "SELECT s.id, s.slot FROM deadlines d JOIN sessions s ON s.id = d.subject JOIN slots t ON t.id = s.slot"
-        " WHERE d.kind = ? AND s.lot = ? AND s.state = 'active' AND s.seated_at IS NOT NULL"
-        " ORDER BY t.zone IS NOT ?, s.vacant_since DESC, s.id LIMIT 1",
-        (VACATE, slot["lot"], slot["zone"]),
+        "SELECT s.id, s.slot FROM deadlines d JOIN sessions s ON s.id = d.subject"
+        " WHERE d.kind = ?1 AND s.lot = ?2 AND s.state = 'active' AND s.seated_at IS NOT NULL"
+        " AND ABS(s.confirmed_timer - ?3) <= ?4"
+        " ORDER BY ABS(s.confirmed_timer - ?3), s.vacant_since DESC, s.id LIMIT 1",
+        (VACATE, slot["lot"], confirmed, txn.settings.drive_time),
     ).fetchone()
     return row
 
@@ -340,8 +363,14 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
     if slot_id is None:
         return
     slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
-    if slot is not None and slot["sensor_state"] == "occupied":
-        _occupied(txn, slot, None, txn.timer_now, swap=True)
+    if slot is None or slot["sensor_state"] != "occupied":
+        return
+    if not _heard_lately(txn, slot):
+        # Its last word is old: the car it saw may be the one that has just left. Nobody is taken for it.
+        _unregistered(txn, slot_id, txn.timer_now)
+        return
+    (confirmed,) = txn.conn.execute("SELECT confirmed_timer FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    _occupied(txn, slot, None, txn.timer_now, swap=confirmed)
 
 
 @timers.on_due(VACATE)
@@ -353,15 +382,9 @@ def _vacate(txn: Txn, session_id: str) -> None:
     ).fetchone()
     if row is None or row["sensor_state"] != "vacant":
         return
-    seen = row["seen_timer"]
     # Heard since the vacancy began, and lately: a sensor that died after the session came (its car then parked
-    # over it unseen) has been silent for a while when the grace runs out. Half its offline_after is well above
-    # how far the stored seen_timer lags a live sensor (about 4 x sensor_seen_flush plus its heartbeat).
-    if (
-        seen is None
-        or (row["vacant_since"] is not None and seen < row["vacant_since"])
-        or seen < txn.timer_now - _offline_after(txn, row) / 2
-    ):
+    # over it unseen) has been silent for a while when the grace runs out.
+    if not _heard_lately(txn, row) or (row["vacant_since"] is not None and row["seen_timer"] < row["vacant_since"]):
         timers.schedule(txn, VACATE, session_id, txn.timer_now + txn.settings.vacate_recheck)
         return
     slot_id = row["slot"]
