@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import threading
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gateway.core.clock import ManualClock
 from gateway.core.domain import Enter, GateEvent, RaiseAlert
 from gateway.core.events import Alert
 from gateway.core.lanes import EVENTS_KEPT, TICKET_CHARS, money, new_ticket, sign_text
 from gateway.core.plates import normalise
+from gateway.core.txn import Txn
+from gateway.mqtt.link import Incoming
+from gateway.services.ingress import Ingress
 from gateway.store.audit import audit
-from gateway.store.writer import Committed
+from gateway.store.reads import ReadStore
+from gateway.store.schema import db_path
+from gateway.store.writer import HANDLERS, Committed
+from simulators import rfc3339
+from tests.harness import site_config
 from tests.helpers import lot_config, new_writer, reader
 
 GATE = """
@@ -54,7 +67,8 @@ async def test_urgent_commands_commit_first_and_alone(tmp_path: Path) -> None:
 
 async def test_a_group_commit_under_way_makes_way_for_a_car(tmp_path: Path) -> None:
     """A car's decision that arrives while the writer applies a batch of 300 commands does not wait for the other
-    299: the batch commits what it applied, the decision commits alone next, the rest follows in its order."""
+    299, nor for a COMMIT of its own: the batch stops after the command under way, applies the decision and commits
+    the two together; the rest follows in its order."""
     cfg = lot_config(tmp_path, extra=GATE)
     writer = new_writer(cfg)
     task = asyncio.create_task(writer.run())
@@ -87,11 +101,111 @@ async def test_a_group_commit_under_way_makes_way_for_a_car(tmp_path: Path) -> N
         go.set()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    assert commits[0].batch_size == 1  # the alert it was applying
-    assert [a.open for a in commits[1].actions] == [True] and commits[1].batch_size == 1
+    first = commits[0]
+    assert first.batch_size == 2  # the alert it was applying, then the car
+    assert [e.type for e in first.events] == ["alert", "session.started", "slot.status", "gate.opened"]
+    assert [a.open for a in first.actions] == [True]
     assert sum(c.batch_size for c in commits) == 301
     alerts = [e.event.message for c in commits for e in c.events if isinstance(e.event, Alert)]
     assert alerts == [str(i) for i in range(300)]  # committed once each, in the order submitted
+
+
+async def test_a_car_that_joined_a_failed_commit_commits_once_when_it_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit the car joined fails for a passing reason (a full disk): both are rolled back, and the retry
+    commits the car and every alert exactly once, the alerts in the order submitted."""
+    cfg = lot_config(tmp_path, extra=GATE)
+    clock = ManualClock()
+    writer = new_writer(cfg, clock)
+    task = asyncio.create_task(writer.run())
+    in_batch, go = threading.Event(), threading.Event()
+    enter = HANDLERS[Enter]
+    failed: list[bool] = []
+
+    def full_once(txn: Txn, cmd: Enter) -> dict[str, Any]:
+        if not failed:
+            failed.append(True)
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise exc
+        return enter(txn, cmd)
+
+    monkeypatch.setitem(HANDLERS, Enter, full_once)
+
+    def hold_first_alert(sql: str) -> None:
+        if "INSERT" in sql and not in_batch.is_set():
+            in_batch.set()
+            go.wait()
+
+    loop = asyncio.get_running_loop()
+    try:
+        await writer.wait_ready()
+        assert writer._conn is not None
+        await loop.run_in_executor(writer._executor, writer._conn.set_trace_callback, hold_first_alert)
+        commits: list[Committed] = []
+        writer.add_listener(commits.append)
+        backlog = [
+            asyncio.create_task(writer.submit(RaiseAlert(code="x", severity="info", subject={}, message=str(i))))
+            for i in range(300)
+        ]
+        await loop.run_in_executor(None, in_batch.wait)
+        car = asyncio.create_task(writer.submit(Enter(vehicle="AB123CD", gate="in1"), urgent=True))
+        await asyncio.sleep(0)
+        go.set()
+        while writer.commit_failures == 0:  # noqa: ASYNC110 (counted in the writer thread)
+            await asyncio.sleep(0.01)
+        clock.advance(1.0)  # the retry's backoff
+        assert (await asyncio.wait_for(car, 10)).ok
+        await asyncio.wait_for(asyncio.gather(*backlog), 10)
+    finally:
+        go.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert failed == [True] and writer.commit_failures == 1
+    # The retried commit is the one the car had joined: the first alert and the car, rolled back and done again.
+    first = [e.type for e in commits[0].events]
+    assert first[0] == "alert" and "gate.opened" in first
+    alerts = [e.event.message for c in commits for e in c.events if isinstance(e.event, Alert)]
+    assert alerts == [str(i) for i in range(300)]
+    opened = [a for c in commits for a in c.actions if a.open]
+    assert len(opened) == 1
+    conn = reader(cfg)
+    assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 1
+    assert audit(conn) == []
+
+
+async def test_a_camera_read_holds_the_receive_loop_until_its_decision_is_committed(tmp_path: Path) -> None:
+    """Ingress.handle returns for a camera read only once its decision is committed, so that the MQTT receive loop
+    (which awaits it) handles no sensor message meanwhile to compete with the decision for the CPU."""
+    cfg = site_config(tmp_path / "state", port=1, embedded=False)
+    writer = new_writer(cfg)
+    task = asyncio.create_task(writer.run())
+    at_commit, go = threading.Event(), threading.Event()
+
+    def hold_commit(sql: str) -> None:
+        if sql == "COMMIT" and not at_commit.is_set():
+            at_commit.set()
+            go.wait()
+
+    loop = asyncio.get_running_loop()
+    try:
+        await writer.wait_ready()
+        assert writer._conn is not None
+        await loop.run_in_executor(writer._executor, writer._conn.set_trace_callback, hold_commit)
+        ingress = Ingress(cfg, writer, ReadStore(db_path(cfg.state_path())))
+        read = json.dumps({"event_id": "e1", "plate": "AB123CD", "ts": rfc3339(time.time())}).encode()
+        handled = asyncio.create_task(ingress.handle(Incoming("cameras/cam-in1/reads", read, qos=1, retain=False)))
+        await loop.run_in_executor(None, at_commit.wait)
+        await asyncio.sleep(0.05)
+        assert not handled.done()  # the decision is not committed yet
+        go.set()
+        result = await asyncio.wait_for(handled, 5)
+        assert result is not None and result.done() and result.result() is True
+    finally:
+        go.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_car_expected_at_a_barrier_holds_other_commits_back(tmp_path: Path) -> None:

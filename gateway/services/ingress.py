@@ -53,6 +53,9 @@ MAX_TRACKED_SOURCES = 10_000
 MAX_IN_FLIGHT = 1024  # commands handed to the writer and not yet committed
 SENSOR_BATCH = 128  # debounced transitions per writer command: one task, one future, one savepoint for many
 DECISIONS = ("cameras", "platerecognizer")  # ingress kinds whose messages are decisions
+# A decision holds the MQTT receive loop until it is committed and the lane has sent its OPEN, at most this long:
+# the sensor messages behind it would otherwise compete with it for the one CPU the loop and writer share.
+DECISION_HOLD_S = 0.25
 SEEN_BATCH = 512  # offline deadlines per writer command
 
 
@@ -110,6 +113,11 @@ class Ingress:
     @property
     def subscriptions(self) -> tuple[tuple[str, int], ...]:
         return tuple((r.topic_filter, 1) for r in self.routes)
+
+    @property
+    def decision_topics(self) -> tuple[str, ...]:
+        """The filters whose messages are decisions: the MQTT link hands them over ahead of sensor traffic."""
+        return tuple(r.topic_filter for r in self.routes if r.kind in DECISIONS)
 
     async def start(self) -> None:
         """Seed the tracker with the committed sensor states, so a restart does not re-emit what is known."""
@@ -172,6 +180,8 @@ class Ingress:
             except Rejected as exc:
                 self._reject(route.kind, device, exc.reason, exc.detail, now, mono)
             decisions = [task for cmd, task in await self._submit_pending() if isinstance(cmd, Enter | Exit)]
+            if decisions:
+                await asyncio.wait(decisions, timeout=DECISION_HOLD_S)
             return _all(decisions)
         return None
 

@@ -208,7 +208,8 @@ class Writer:
         is answered `unavailable` instead once it could not be committed for that long (it then never commits).
         `urgent` (a decision a car waits for at a barrier): it goes in the next group commit, ahead of everything
         queued, with other urgent commands only (unbounded: their rate is that of cars). A group commit under way
-        when it arrives stops after the command it is applying and commits that much; the rest comes after it.
+        when it arrives stops after the command it is applying, applies the urgent ones after it and commits that
+        much, so that they need no fsync of their own; the rest comes after it.
         """
         if self._closed:
             raise WriterClosed("the writer has stopped")
@@ -279,26 +280,29 @@ class Writer:
             while batch:
                 # Only a batch without urgent commands makes way for them (one with them holds nothing else).
                 yields = not any(e.urgent for e in batch)
-                work = loop.run_in_executor(self._executor, self._apply, [e.cmd for e in batch], yields)
+                joined: list[_Entry] = []  # urgent entries the thread took into this commit (yields only)
+                work = loop.run_in_executor(self._executor, self._apply, [e.cmd for e in batch], yields, joined)
                 try:
                     try:
                         done = await asyncio.shield(work)
                     except asyncio.CancelledError:
                         # The batch runs to its end in the thread: deliver what it committed, then stop.
                         with contextlib.suppress(_Passing):
-                            batch = self._deliver(batch, *await work)
+                            done = await work
+                            batch = self._deliver(_joined(batch, joined, done), *done)
                         raise
                 except _Passing as exc:
+                    self._urgent.extendleft(reversed(joined))  # rolled back with the batch: first again
                     self._failed(exc, len(batch))
                     batch = self._give_up(batch)
                     await self._clock.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
                     self._top_up(batch)
                     continue
-                if not yields:
+                if not yields or joined:
                     self._expect_until = 0.0  # what was expected has come
                 # What the batch did not apply (it made way for urgent work) goes first once that is committed.
-                self._carry.extendleft(reversed(self._deliver(batch, *done)))
+                self._carry.extendleft(reversed(self._deliver(_joined(batch, joined, done), *done)))
                 batch = []
                 self._recovered()
                 return
@@ -422,9 +426,9 @@ class Writer:
     def _txn(self, conn: sqlite3.Connection) -> Txn:
         return Txn(conn, self._settings, self._key, self._clock.wall(), self._next_seq, self.timeline.now())
 
-    def _apply(self, cmds: list[Command], yields: bool = False) -> Applied:
+    def _apply(self, cmds: list[Command], yields: bool = False, joined: list[_Entry] | None = None) -> Applied:
         """One group commit of `cmds`, or with `yields` of as many as were applied before urgent work came (at
-        least one): replies for those only."""
+        least one) and then of that urgent work, taken into `joined`: replies for those only, in that order."""
         conn = self._conn
         assert conn is not None
         txn = self._txn(conn)
@@ -438,6 +442,12 @@ class Writer:
                 if yields and replies and self._urgent:
                     break
                 replies.append(self._apply_one(txn, cmd))
+            # Urgent work that came while this batch ran joins its COMMIT rather than wait for it and its own.
+            # Taken here, while the loop waits for this batch: nobody else pops the lane meanwhile.
+            while yields and joined is not None and self._urgent and len(joined) < self._batch_max:
+                entry = self._urgent.popleft()
+                joined.append(entry)
+                replies.append(self._apply_one(txn, entry.cmd))
             if txn.next_seq != self._next_seq:  # a batch without events (a Ping) writes nothing at all
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(txn.next_seq),))
             outbox.account(conn, len(txn.events), sum(len(e.body) for e in txn.events))
@@ -454,7 +464,8 @@ class Writer:
                 raise _Passing(str(exc)) from exc
             log.error("group commit failed", error=str(exc), batch=len(cmds))
             failed = Reply.error("unavailable", "the store could not commit; try again")
-            return [failed] * len(cmds), [], None, []  # all of them, also those it did not get to
+            # All of them, also those it did not get to.
+            return [failed] * (len(cmds) + len(joined or ())), [], None, []
         self._next_seq = txn.next_seq
         return replies, txn.events, next_due, txn.actions
 
@@ -538,6 +549,14 @@ class Writer:
                 " ON CONFLICT (key) DO UPDATE SET reply = excluded.reply, created_at = excluded.created_at",
                 (key, body, txn.now),
             )
+
+
+def _joined(batch: list[_Entry], joined: list[_Entry], done: Applied) -> list[_Entry]:
+    """`batch` with the urgent entries its commit took in after its applied part: in the order of the replies."""
+    if not joined:
+        return batch
+    applied = len(done[0]) - len(joined)
+    return [*batch[:applied], *joined, *batch[applied:]]
 
 
 def verb_of(cmd: Command) -> str:
