@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -353,6 +354,13 @@ class Options:
     profile: Path | None
 
 
+def quiet_heap() -> None:
+    """Between blocks: a full collection now, and what survives it frozen, so that the bench's own collector (the
+    simulator keeps every frame it saw) does not stall its loop inside a measured block, on either path."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
     await wait_for_port(broker.port)
     plates = Plates()
@@ -386,6 +394,7 @@ async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
                 got: dict[str, list[int]] = {"gateway": [], "raw": []}
                 # Interleaved blocks: a drift of the shared machine's load hits both paths alike.
                 while len(got["gateway"]) < opts.entries:
+                    quiet_heap()
                     n = min(opts.block, opts.entries - len(got["gateway"]))
                     for _ in range(n):
                         got["raw"].append(await raw_entry(client, raw_stamps, plates.next()))

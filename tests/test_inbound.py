@@ -154,3 +154,43 @@ async def test_reads_pause_while_the_backlog_is_deep(mosquitto: MosquittoProcess
         assert [payload for _, payload in held.seen] == [b"%d" % n for n in range(200)]
         assert link.pauses > 1
         assert link.reconnects == 0
+
+
+class Slow(Held):
+    """Held, and the first message on `slow/...` keeps the handler busy until `go` is set: a backlog builds up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def __call__(self, message: Incoming) -> Handled:
+        if message.topic.startswith("slow/"):
+            await self.go.wait()
+        return await super().__call__(message)
+
+
+async def test_priority_topics_are_handled_first_and_acknowledged_in_arrival_order(
+    mosquitto: MosquittoProcess,
+) -> None:
+    """A camera read that arrives behind a backlog of sensor messages is handled next; the PUBACKs still follow
+    the order of arrival: the sensor messages ahead of it are acknowledged, the read only once it is done."""
+    handler = Slow()
+    subscriptions = (("slow/#", 1), ("held/#", 1), ("free/#", 1), ("sync/#", 1))
+    link = InboundLink(options(mosquitto, 5, subscriptions=subscriptions, priority=("held/#",)), handler)
+    sensors = [(f"free/s{n}", b"%d" % n) for n in range(20)]
+    async with running(link):
+        await publish(mosquitto, ("slow/0", b"0"), *sensors, ("held/cam", b"c"))
+        async with asyncio.timeout(DEADLINE):
+            while link.received < 22:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        handler.go.set()
+        await handler.until(22)
+        assert handler.seen == [("slow/0", b"0"), ("held/cam", b"c"), *sensors]
+        await settle_acks(link)
+        assert link.backlog == 1  # the read: its commit is still to come
+        await cut(link, 0)
+        await handler.until(23)  # only the read comes again
+        assert handler.seen[22:] == [("held/cam", b"c")]
+        handler.release()
+        await settle_acks(link)
+        assert link.backlog == 0

@@ -49,7 +49,7 @@ __all__ = ["Handled", "InboundLink", "InboundOptions", "Level"]
 Handled = asyncio.Future[bool] | None
 
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_YIELD_EVERY = 32
+_YIELD_EVERY = 8
 _SUBACK_FAILURE = 0x80
 # A session queue drained at connect can put many messages ahead of the SUBACK: wait for it patiently.
 _SUBSCRIBE_TIMEOUT = 60.0
@@ -75,6 +75,9 @@ class InboundOptions:
     receive_maximum: int = 64  # MQTT 5: unacknowledged messages the broker may send us at once
     pause_at: int = 512  # received, not yet acknowledged: stop reading the socket here ...
     resume_at: int = 128  # ... and read again here
+    # Topic filters whose messages are handled before any other waiting message (a car waits at a barrier);
+    # their PUBACKs still go out in arrival order.
+    priority: tuple[str, ...] = ()
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
 
@@ -176,9 +179,21 @@ class _Client(aiomqtt.Client):
     under two locks), and its debug lines are not formatted (the gateway shows libraries' warnings only).
     """
 
-    def __init__(self, *args: Any, arrived: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        arrived: Callable[[], None],
+        manual_ack: bool,
+        priority: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.inbox: deque[paho.MQTTMessage] = deque()
+        self._client.manual_ack_set(manual_ack)
+        # Every message has its place in the PUBACK order from the moment it arrives, whichever queue it waits in.
+        self.acks = _Acks(self._client, manual=manual_ack)
+        self.inbox: deque[tuple[paho.MQTTMessage, list[Any]]] = deque()
+        self.urgent: deque[tuple[paho.MQTTMessage, list[Any]]] = deque()  # `priority` topics: handled first
+        self._priority = priority
         self._arrived = arrived
         self._fd: int | None = None
         self.reading = False
@@ -207,8 +222,20 @@ class _Client(aiomqtt.Client):
         return sock is not None and getattr(sock, "pending", lambda: 0)() > 0  # TLS: decrypted already
 
     def _deliver(self, message: paho.MQTTMessage) -> None:
-        self.inbox.append(message)
+        item = (message, self.acks.add(message.mid if message.qos else 0))
+        if self._priority and any(paho.topic_matches_sub(sub, message.topic) for sub in self._priority):
+            self.urgent.append(item)
+        else:
+            self.inbox.append(item)
         self._arrived()
+
+    def drop_unhandled(self) -> None:
+        """Shutting down: what waits here is never handled, so never acknowledged (the broker sends it again)."""
+        items = [*self.urgent, *self.inbox]
+        self.urgent.clear()
+        self.inbox.clear()
+        for _, entry in items:
+            self.acks.settle(entry, False)
 
     def _log(self, level: int, fmt: str, *args: Any) -> None:
         if level != paho.MQTT_LOG_DEBUG:
@@ -287,8 +314,8 @@ class InboundLink:
     @property
     def backlog(self) -> int:
         """Messages received on this connection and not yet acknowledged (or, QoS 0, not yet handled)."""
-        client, acks = self._client, self._acks
-        return (len(client.inbox) if client is not None else 0) + (len(acks) if acks is not None else 0)
+        acks = self._acks
+        return len(acks) if acks is not None else 0
 
     async def start(self) -> None:
         """Nothing to prepare: `run` connects, once every service has started."""
@@ -347,6 +374,8 @@ class InboundLink:
             opts.host,
             opts.port,
             arrived=self._arrived,
+            manual_ack=opts.persistent,
+            priority=opts.priority,
             username=opts.username,
             password=opts.password,
             identifier=opts.client_id,
@@ -359,7 +388,6 @@ class InboundLink:
             tls_context=client_context(opts.tls) if opts.tls is not None else None,
             socket_options=(_NODELAY,),
         )
-        client._client.manual_ack_set(opts.persistent)
         return client
 
     def _arrived(self) -> None:
@@ -378,7 +406,7 @@ class InboundLink:
         self._acks = None
 
     async def _serve(self, client: _Client) -> None:
-        acks = _Acks(client._client, manual=self.options.persistent)
+        acks = client.acks
         self._client, self._acks = client, acks
         self.connected = True
         self._log.info("mqtt.connected", host=self.options.host, port=self.options.port, reconnects=self.reconnects)
@@ -406,21 +434,23 @@ class InboundLink:
         """Shutting down: read nothing more, and let what is being committed be acknowledged (a moment)."""
         client.pause()
         helpers[0].cancel()  # the consumer: what it has not handled stays unacknowledged, the broker sends it again
-        client.inbox.clear()
+        client.drop_unhandled()
         waits: list[asyncio.Future[Any]] = [acks.empty(), acks.stuck, client._disconnected]
         await asyncio.wait(waits, timeout=_STOP_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
 
     async def _consume(self, client: _Client, acks: _Acks) -> None:
-        inbox = client.inbox
+        inbox, urgent = client.inbox, client.urgent
         opts = self.options
         handled = 0
         while True:
-            if not inbox:
+            if urgent:
+                message, entry = urgent.popleft()
+            elif inbox:
+                message, entry = inbox.popleft()
+            else:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            message = inbox.popleft()
-            entry = acks.add(message.mid if message.qos else 0)
             result: Handled = None
             incoming = _incoming(message)
             if incoming is None:

@@ -9,7 +9,7 @@ announce `online` before the store is open.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -29,8 +29,15 @@ class Service(Protocol):
     async def health(self) -> dict[str, Any]: ...
 
 
-async def serve(services: Sequence[Service], until: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    """Run `services` until `until` is set or one of them fails; always stop the started ones in reverse."""
+async def serve(
+    services: Sequence[Service],
+    until: asyncio.Event,
+    ready: asyncio.Event | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Run `services` until `until` is set or one of them fails; always stop the started ones in reverse.
+
+    `on_started` is called once every service has started and runs."""
     started: list[Service] = []
     tasks: dict[str, asyncio.Task[None]] = {}
     async with asyncio.TaskGroup() as tg:
@@ -42,6 +49,8 @@ async def serve(services: Sequence[Service], until: asyncio.Event, ready: asynci
                 tasks[service.name] = tg.create_task(service.run(), name=service.name)
             if ready is not None:
                 ready.set()
+            if on_started is not None:
+                on_started()
             log.info("gateway started", services=[service.name for service in services])
             await until.wait()
             log.info("gateway stopping")
