@@ -41,6 +41,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.mqtt.link import Incoming, disconnect_client, open_client, reap_client
 from gateway.mqtt.tls import TlsOptions, client_context
+from gateway.mqtt.topics import match
 
 __all__ = ["Handled", "InboundLink", "InboundOptions", "Level"]
 
@@ -169,6 +170,23 @@ class _Acks:
         return self._empty
 
 
+def _matcher(filters: tuple[str, ...]) -> Callable[[str], bool] | None:
+    """A test of a topic against `filters`, cheap for the topics that match none: every sensor message takes it.
+
+    paho's topic_matches_sub builds a matcher per call: 10 us, 5 % of the receive loop at 2,000 msgs/s."""
+    if not filters:
+        return None
+    heads = tuple(f.split("/", 1)[0] for f in filters)
+    prefixes = None if any(h in ("+", "#") for h in heads) else heads
+
+    def matches(topic: str) -> bool:
+        if prefixes is not None and not topic.startswith(prefixes):
+            return False
+        return any(match(f, topic) is not None for f in filters)
+
+    return matches
+
+
 class _Client(aiomqtt.Client):
     """aiomqtt's client with its own reading: into a plain deque, many packets per wake-up, and pausable.
 
@@ -193,7 +211,7 @@ class _Client(aiomqtt.Client):
         self.acks = _Acks(self._client, manual=manual_ack)
         self.inbox: deque[tuple[paho.MQTTMessage, list[Any]]] = deque()
         self.urgent: deque[tuple[paho.MQTTMessage, list[Any]]] = deque()  # `priority` topics: handled first
-        self._priority = priority
+        self._priority = _matcher(priority)
         self._arrived = arrived
         self._fd: int | None = None
         self.reading = False
@@ -223,7 +241,7 @@ class _Client(aiomqtt.Client):
 
     def _deliver(self, message: paho.MQTTMessage) -> None:
         item = (message, self.acks.add(message.mid if message.qos else 0))
-        if self._priority and any(paho.topic_matches_sub(sub, message.topic) for sub in self._priority):
+        if self._priority is not None and self._priority(message.topic):
             self.urgent.append(item)
         else:
             self.inbox.append(item)
