@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import aiomqtt
 import pytest
 
-from gateway.mqtt.inbound import Handled, InboundLink, InboundOptions
+from gateway.mqtt.inbound import Handled, InboundLink, InboundOptions, _matcher
 from gateway.mqtt.link import Incoming
 from tests.conftest import MosquittoProcess
 
@@ -194,3 +194,13 @@ async def test_priority_topics_are_handled_first_and_acknowledged_in_arrival_ord
         handler.release()
         await settle_acks(link)
         assert link.backlog == 0
+
+
+def test_the_priority_matcher_follows_mqtt_filter_rules() -> None:
+    matches = _matcher(("cameras/+/reads", "pr/+/platerecognizer", "x/#"))
+    assert matches is not None
+    assert matches("cameras/c1/reads") and matches("pr/c/platerecognizer") and matches("x") and matches("x/y/z")
+    assert not matches("sensors/s1/state") and not matches("cameras/c1/other") and not matches("camerasX/c1/reads")
+    wild = _matcher(("+/a",))
+    assert wild is not None and wild("z/a") and not wild("z/b")
+    assert _matcher(()) is None
