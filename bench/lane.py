@@ -208,11 +208,16 @@ def read_payload(plate: str) -> bytes:
     return json.dumps({"event_id": uuid.uuid4().hex, "plate": plate, "ts": rfc3339(time.time())}).encode()
 
 
-async def gateway_entry(client: aiomqtt.Client, sim: BarrierSim, stamps: OpenStamps, plate: str) -> int:
-    """One car: onto loop A (ARRIVED committed), the read published, OPEN on the pty (timed), DISPLAY, the car
-    passes (PASSED committed: the session is confirmed), the barrier closed again. Nanoseconds publish -> OPEN."""
+async def gateway_entry(
+    client: aiomqtt.Client, sim: BarrierSim, stamps: OpenStamps, plate: str, read_delay: float
+) -> int:
+    """One car: onto loop A (ARRIVED acknowledged), `read_delay` later the read published, OPEN on the pty
+    (timed), DISPLAY, the car passes (PASSED committed: the session is confirmed), the barrier closed again.
+    Nanoseconds publish -> OPEN."""
     sim.vehicle_arrives()
     await until(lambda: not sim.unacked, "ARRIVED acknowledged")
+    if read_delay:
+        await asyncio.sleep(read_delay)  # the camera recognising the plate of the car it was triggered for
     shown = displays(sim)
     payload = read_payload(plate)
     opened = stamps.expect()
@@ -352,6 +357,7 @@ class Options:
     sensors: int
     tick: float
     profile: Path | None
+    read_delay: float
 
 
 def quiet_heap() -> None:
@@ -381,7 +387,7 @@ async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
         async with mqtt_client(broker.port, f"bench-cam-{uuid.uuid4().hex[:6]}") as client:
             await until(lambda: sim.commands != [], "the lane to talk to the controller", 30)
             for _ in range(opts.warmup):
-                await gateway_entry(client, sim, gw_stamps, plates.next())
+                await gateway_entry(client, sim, gw_stamps, plates.next(), opts.read_delay)
                 await raw_entry(client, raw_stamps, plates.next())
             rows: list[Row] = []
             for load in ("idle", "load"):
@@ -399,7 +405,8 @@ async def run(opts: Options, root: Path, broker: Mosquitto) -> dict[str, Any]:
                     for _ in range(n):
                         got["raw"].append(await raw_entry(client, raw_stamps, plates.next()))
                     for _ in range(n):
-                        got["gateway"].append(await gateway_entry(client, sim, gw_stamps, plates.next()))
+                        entry = await gateway_entry(client, sim, gw_stamps, plates.next(), opts.read_delay)
+                        got["gateway"].append(entry)
                 wall = time.monotonic() - t0
                 daemon_cpu = cpu_seconds(daemon.proc.pid) - cpu0
                 if loader is not None:
@@ -471,6 +478,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=20, help="unmeasured entries per path first (20)")
     ap.add_argument("--rate", type=int, default=2000, help="background sensor messages per second (2000)")
     ap.add_argument("--sensors", type=int, default=1000, help="sensors the background load reports for (1000)")
+    ap.add_argument(
+        "--read-delay",
+        type=float,
+        default=0.02,
+        help="seconds from the car on loop A (ARRIVED acknowledged) to its camera read (0.02; 0: at once)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke check: 100 entries per path and condition")
     ap.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON ('-': stdout)")
     ap.add_argument("--profile", metavar="PATH", type=Path, help="run the daemon under cProfile, stats here")
@@ -492,8 +505,10 @@ def main(argv: list[str] | None = None) -> None:
         args.entries, args.block, args.warmup = 100, 50, 5
     if min(args.entries, args.block, args.rate, args.sensors) < 1 or args.warmup < 0 or args.tick <= 0:
         ap.error("--entries, --block, --rate, --sensors and --tick must be positive, --warmup >= 0")
+    if args.read_delay < 0:
+        ap.error("--read-delay must be >= 0")
     profile = args.profile.resolve() if args.profile else None
-    opts = Options(args.entries, args.block, args.warmup, args.rate, args.sensors, args.tick, profile)
+    opts = Options(args.entries, args.block, args.warmup, args.rate, args.sensors, args.tick, profile, args.read_delay)
 
     results, run_meta = beside_mosquitto("bench-lane-", lambda root, broker: run(opts, root, broker))
     version, load_before, load_after = run_meta["mosquitto"], run_meta["loadavg_before"], run_meta["loadavg_after"]
@@ -503,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     lp = results.get("load_publisher", {})
     print(
-        f"{opts.entries:,} entries per path and condition; load publisher {lp.get('rate', 0):,.0f} msgs/s "
+        f"{opts.entries:,} entries per path and condition, each read {opts.read_delay * 1000:.0f} ms after its car's "
+        f"ARRIVED; load publisher {lp.get('rate', 0):,.0f} msgs/s "
         f"(its CPU {lp.get('cpu', 0):.0%}); "
         f"daemon CPU {results['daemon_cpu_idle']:.0%} idle, {results['daemon_cpu_load']:.0%} under load; "
         f"{results['sessions_confirmed']:,} sessions confirmed; {version}; Python {platform.python_version()}; "
