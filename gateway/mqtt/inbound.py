@@ -14,6 +14,9 @@ PUBACKs of the gateway's own publishes.
 - **Bounded memory whatever the broker does.** Received and not yet acknowledged messages are counted; at
   ``pause_at`` the link stops reading the socket until they are down to ``resume_at``, so a burst waits in TCP
   and in the broker (Mosquitto 2.0 runs far past the Receive Maximum the link asks for once PUBACKs flow).
+- **Priority topics** (``priority``: the decision topics, a car waiting at a barrier): their messages are handed
+  to the handler before any other waiting message; every message keeps its place in the PUBACK order from the
+  moment it arrives, so the order of acknowledgements is still that of arrival.
 - **Subscriptions**: ``subscribed`` is set only once the broker granted every filter; a refused one is logged
   as an error naming it and asked for again with backoff, while the granted ones deliver.
 """
