@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--read-delay",
         type=float,
-        default=0.02,
-        help="seconds from the car on loop A (ARRIVED acknowledged) to its camera read (0.02; 0: at once)",
+        default=0.0,
+        help="seconds from the car on loop A (ARRIVED acknowledged) to its camera read (0: at once, the worst case)",
     )
     ap.add_argument("--quick", action="store_true", help="smoke check: 100 entries per path and condition")
     ap.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON ('-': stdout)")
