@@ -456,6 +456,8 @@ async def test_a_car_on_its_way_to_the_exit_is_not_swapped_in_for_a_car_left_beh
         await s.advance(600, step=60)
         await s.published(lambda: len(s.alerts("slot.unregistered_occupancy")) == 1)
         # AAA111's car leaves for the exit; BBB222's leaves too and exits, while A-002 still reports a car.
+        await s.sensor("A-002", True)  # a heartbeat: a live sensor (the store hears of it within sensor_seen_flush)
+        await s.advance(60)
         await s.sensor("A-001", False)
         await s.advance(5)
         await s.sensor("B-001", False)
@@ -472,7 +474,9 @@ async def test_a_car_on_its_way_to_the_exit_is_not_swapped_in_for_a_car_left_beh
     check_store(cfg)
 
 
-async def test_a_car_left_behind_by_a_silent_sensor_is_nobody_s(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+async def test_a_silent_sensor_still_saying_occupied_when_its_car_has_left_is_offline(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
         await s.enter("AAA111")  # A-001
@@ -481,12 +485,19 @@ async def test_a_car_left_behind_by_a_silent_sensor_is_nobody_s(tmp_path: Path, 
         bbb = await s.enter("BBB222")  # A-002
         await s.advance(30)
         await s.exit("AAA111")
-        # A-001's last report is 535 s old (more than half its offline_after): the car it saw may be AAA111's,
-        # gone now. Taking BBB222, on its way, for it would hold A-001 for a car that is not there.
-        await s.published(lambda: s.alerts("slot.unregistered_occupancy"))
-        assert s.alerts("slot.unregistered_occupancy")[0]["subject"] == {"slot": "A-001"}
-        assert s.moved() == []
+        # A-001's last report is 535 s old (more than half its offline_after) and its car has left without a word
+        # from it: the sensor is offline now, not 365 s later, and A-001 is free. Taking BBB222, on its way, for
+        # the car it last saw would hold A-001 for a car that is not there.
+        await s.published(lambda: s.alerts("sensor.offline"))
+        assert s.alerts("sensor.offline")[0]["subject"] == {"slot": "A-001", "sensor": "A-001"}
+        await s.published(lambda: s.slot("A-001")["status"] == "available" and s.slot("A-001")["sensor"] == "offline")
+        assert s.moved() == [] and s.alerts("slot.unregistered_occupancy") == []
         await s.published(lambda: s.slot("A-002")["session"] == bbb["session_id"])
+        await s.advance(400, step=60)
+        assert len(s.alerts("sensor.offline")) == 1  # not again when its offline_after runs out
+        await s.sensor("A-001", False)  # it speaks again: back
+        await s.advance(5)
+        await s.published(lambda: s.alerts("sensor.online"))
     check_store(cfg)
 
 

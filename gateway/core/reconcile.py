@@ -16,7 +16,7 @@ step changes no outcome.
   ended one comes first: the nearest-candidate rule can seat two cars' sessions crosswise (both on their way at
   once), and when one of them leaves this is where the other swaps back; any other session with a vacant slot is
   most likely a car on its way to the exit. Unless that sensor has not been heard within half its `offline_after`:
-  its car may be the one that has just left, so only the alert.
+  the car it last saw has most likely just left without a word from it, so it is offline at once.
 - **Re-seats can be taken back.** The slot a session on its way was re-seated away from is remembered for its
   arrival window (`session.reseated`) and allocated last in its tier. A car found there soon enough is that
   session's after all: it goes back, and the car it had been re-seated to is matched again. A re-seat whose car
@@ -29,7 +29,8 @@ step changes no outcome.
   runs on without a slot (`session.moved` to null), the slot is available again; one never seen in a slot is then
   seated in a free slot whose sensor is offline, if any (`unseen`). Otherwise it looks again
   `vacate_recheck` later, until the sensor speaks or goes offline.
-- **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`). The ingress fires it
+- **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`), or for half of it when
+  a session ends while the sensor still says occupied (its car has left without a word from it). The ingress fires it
   from memory, exactly; a `sensor.offline` deadline in the store, kept at most `offline_pad` past the memory's,
   fires it after a crash. Offline cancels a vacate countdown (no evidence, so the session stands); the slot stays
   allocatable, last (`alloc_rank`). A sensor heard again is back (`alert` `sensor.online`).
@@ -366,8 +367,10 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
     if slot is None or slot["sensor_state"] != "occupied":
         return
     if not _heard_lately(txn, slot):
-        # Its last word is old: the car it saw may be the one that has just left. Nobody is taken for it.
-        _unregistered(txn, slot_id, txn.timer_now)
+        # Silent for half its offline_after, and the car it last saw has most likely just left without a word from
+        # it: it is taken as offline now, not a whole offline_after after that word, so it holds no car meanwhile.
+        last = txn.now if slot["seen_timer"] is None else _wall_at(txn, slot["seen_timer"])
+        _sensor_change(txn, SensorChange(sensor=slot["sensor"], state="offline", at=last))
         return
     (confirmed,) = txn.conn.execute("SELECT confirmed_timer FROM sessions WHERE id = ?", (session_id,)).fetchone()
     _occupied(txn, slot, None, txn.timer_now, swap=confirmed)
