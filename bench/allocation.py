@@ -201,7 +201,7 @@ class RawStore:
         ).fetchall()
         if booked:
             raise RuntimeError(f"{p} has a reservation")
-        slot, zone = self.conn.execute(allocation._PICK_ANY_ZONE, (LOT, "standard")).fetchone()
+        slot, zone, _ = self.conn.execute(allocation._PICK_ANY_ZONE, (LOT, "standard", 1)).fetchone()
         session_id = str(uuid.uuid4())
         self.conn.execute(
             "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, entry_gate, reservation_id, started_at,"

@@ -135,6 +135,12 @@ class Site:
         await self.settle()
         return started
 
+    async def park(self, plate: str) -> dict[str, Any]:
+        """An entry whose car parks in its slot (its sensor reports it; the debounce still to run)."""
+        started = await self.enter(plate)
+        await self.sensor(started["slot"], True)
+        return started
+
     async def exit(self, plate: str) -> None:
         self.reads += 1
         await self.obs.pub("cameras/cam-out1/reads", {"event_id": f"r{self.reads}", "plate": plate})
@@ -377,6 +383,23 @@ async def test_a_session_whose_own_slot_is_seeing_a_car_arrive_is_not_picked(
     check_store(cfg)
 
 
+async def test_a_slot_whose_sensor_is_debouncing_a_car_is_not_allocated(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", True)  # a car has just parked in A-001, first in fill order
+        await s.advance(2, step=2)
+        # Still vacant in the store, but the ingress knows better: AAA111 is not sent there (its car would find
+        # A-001 taken, and the car there would be taken for AAA111's).
+        assert (await s.enter("AAA111"))["slot"] == "A-002"
+        await s.advance(5)
+        await s.published(lambda: s.alerts("slot.unregistered_occupancy"))
+        assert s.alerts("slot.unregistered_occupancy")[0]["subject"] == {"slot": "A-001"}
+        assert s.moved() == []
+    check_store(cfg)
+
+
 async def test_a_reseat_whose_car_is_gone_at_once_is_taken_back(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
@@ -445,8 +468,7 @@ async def test_a_car_on_its_way_to_the_exit_is_not_swapped_in_for_a_car_left_beh
 ) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        await s.enter("AAA111")  # A-001
-        await s.sensor("A-001", True)
+        await s.park("AAA111")  # A-001
         await s.advance(1000, step=60)
         assert (await s.enter("BBB222"))["slot"] == "A-002"
         await s.advance(30)
@@ -471,6 +493,7 @@ async def test_a_car_on_its_way_to_the_exit_is_not_swapped_in_for_a_car_left_beh
         await s.published(lambda: s.slot("A-001")["status"] == "occupied")
         await s.exit("AAA111")
         await s.published(lambda: s.slot("A-001")["status"] == "available")
+        assert s.slot("A-002")["status"] == "occupied" and s.slot("A-002")["session"] is None
     check_store(cfg)
 
 
@@ -479,8 +502,7 @@ async def test_a_silent_sensor_still_saying_occupied_when_its_car_has_left_is_of
 ) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        await s.enter("AAA111")  # A-001
-        await s.sensor("A-001", True)
+        await s.park("AAA111")  # A-001
         await s.advance(500, step=60)  # and then not a word from A-001's sensor (dead, not yet offline)
         bbb = await s.enter("BBB222")  # A-002
         await s.advance(30)

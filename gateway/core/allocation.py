@@ -16,13 +16,15 @@ from gateway.core.txn import Txn
 # One indexed probe per candidate type: (lot, [zone,] type, status) is an index prefix and ORDER BY follows the
 # index, so the cost is O(log slots) whatever the size of the lot.
 _PICK_ANY_ZONE = (
-    "SELECT id, zone FROM slots INDEXED BY slots_alloc_type"
-    " WHERE lot = ? AND type = ? AND status = 'available' ORDER BY alloc_rank, fill_order LIMIT 1"
+    "SELECT id, zone, sensor FROM slots INDEXED BY slots_alloc_type"
+    " WHERE lot = ? AND type = ? AND status = 'available' ORDER BY alloc_rank, fill_order LIMIT ?"
 )
 _PICK_IN_ZONE = (
-    "SELECT id, zone FROM slots INDEXED BY slots_alloc_zone"
-    " WHERE lot = ? AND zone = ? AND type = ? AND status = 'available' ORDER BY alloc_rank, fill_order LIMIT 1"
+    "SELECT id, zone, sensor FROM slots INDEXED BY slots_alloc_zone"
+    " WHERE lot = ? AND zone = ? AND type = ? AND status = 'available' ORDER BY alloc_rank, fill_order LIMIT ?"
 )
+# How many of the best slots are looked at for one whose sensor is not debouncing a car (`Enter.arriving`).
+ARRIVING_SCAN = 8
 
 
 def candidate_types(txn: Txn, lot: str, plate: str, requested: str | None) -> list[str]:
@@ -38,13 +40,20 @@ def candidate_types(txn: Txn, lot: str, plate: str, requested: str | None) -> li
     return permitted + open_types
 
 
-def pick_slot(conn: sqlite3.Connection, lot: str, zone: str | None, types: list[str]) -> tuple[str, str] | None:
+def pick_slot(
+    conn: sqlite3.Connection, lot: str, zone: str | None, types: list[str], arriving: frozenset[str] = frozenset()
+) -> tuple[str, str] | None:
+    """The best free slot of the first type that has one. A slot whose sensor is `arriving` (a car has just parked
+    there, not yet past the debounce) is passed over for the next of the ARRIVING_SCAN best: the car sent there
+    would find it taken, park elsewhere, and the car standing there would be taken for its."""
+    limit = ARRIVING_SCAN if arriving else 1
     for type_ in types:
         if zone is None:
-            row = conn.execute(_PICK_ANY_ZONE, (lot, type_)).fetchone()
+            rows = conn.execute(_PICK_ANY_ZONE, (lot, type_, limit)).fetchall()
         else:
-            row = conn.execute(_PICK_IN_ZONE, (lot, zone, type_)).fetchone()
-        if row is not None:
+            rows = conn.execute(_PICK_IN_ZONE, (lot, zone, type_, limit)).fetchall()
+        if rows:
+            row = next((r for r in rows if r[2] not in arriving), rows[0])
             return str(row[0]), str(row[1])
     return None
 
@@ -111,7 +120,7 @@ def enter(txn: Txn, cmd: Enter) -> dict[str, Any]:
     picked = None if reservation is None else reservations.claim(txn, reservation)
     if picked is None:
         # No reservation, or its slot is in use and none of its kind is free for it: seated as a walk-in.
-        picked = pick_slot(txn.conn, lot, cmd.zone, candidate_types(txn, lot, plate, cmd.type))
+        picked = pick_slot(txn.conn, lot, cmd.zone, candidate_types(txn, lot, plate, cmd.type), cmd.arriving)
         if picked is None:
             raise deny("full", "no free slot matches")
     slot_id, zone = picked

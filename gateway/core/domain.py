@@ -79,6 +79,9 @@ class Enter(Command):
     gate: str | None = None
     # "rr:<gate>:<plate>": a re-read of the same plate at the same gate within reread_window gets the first decision
     reread_key: str | None = None
+    # Sensors the ingress is debouncing a car for when the read came: the store still has their slots vacant, but
+    # a car has just parked there (gateway/core/allocation.py passes them over).
+    arriving: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

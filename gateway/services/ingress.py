@@ -274,7 +274,7 @@ class Ingress:
         }
         cmd: Command
         if gate.direction == "entry":
-            cmd = Enter(vehicle=plate, gate=gate.id, **keys)
+            cmd = Enter(vehicle=plate, gate=gate.id, arriving=self.tracker.arriving(), **keys)
         else:
             cmd = Exit(vehicle=plate, gate=gate.id, candidates=read.candidates, **keys)
         self._pending.append(cmd)
