@@ -127,11 +127,13 @@ async def test_connection_cut_mid_stream_again_and_again(tmp_path: Path, mosquit
             async with subscriber([("127.0.0.1", mosquitto.port)]) as sub:
                 producer = asyncio.create_task(r.sensor_flips(6000))
                 cuts = 0
-                while not producer.done() or sub.count < r.committed():
-                    await asyncio.sleep(0.15)
-                    if cuts < 8:
-                        proxy.cut()
-                        cuts += 1
+                # Bounded: a subscriber that never catches up is a failure to report, not a suite that hangs.
+                async with asyncio.timeout(120):
+                    while not producer.done() or sub.count < r.committed():
+                        await asyncio.sleep(0.15)
+                        if cuts < 8:
+                            proxy.cut()
+                            cuts += 1
                 await producer
                 n = r.committed()
                 await sub.until_seqs(n, timeout=30)
