@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.core.clock import ManualClock
-from gateway.core.domain import Enter, GateEvent, RaiseAlert
+from gateway.core.domain import Enter, GateEvent, RaiseAlert, Reply
 from gateway.core.events import Alert
 from gateway.core.lanes import EVENTS_KEPT, TICKET_CHARS, money, new_ticket, sign_text
 from gateway.core.plates import normalise
@@ -23,7 +26,7 @@ from gateway.services.ingress import Ingress
 from gateway.store.audit import audit
 from gateway.store.reads import ReadStore
 from gateway.store.schema import db_path
-from gateway.store.writer import HANDLERS, Committed
+from gateway.store.writer import HANDLERS, Committed, Writer
 from simulators import rfc3339
 from tests.harness import site_config
 from tests.helpers import lot_config, new_writer, reader
@@ -65,12 +68,17 @@ async def test_urgent_commands_commit_first_and_alone(tmp_path: Path) -> None:
     assert sum(c.batch_size for c in commits) == 301
 
 
-async def test_a_group_commit_under_way_makes_way_for_a_car(tmp_path: Path) -> None:
-    """A car's decision that arrives while the writer applies a batch of 300 commands does not wait for the other
-    299, nor for a COMMIT of its own: the batch stops after the command under way, applies the decision and commits
-    the two together; the rest follows in its order."""
-    cfg = lot_config(tmp_path, extra=GATE)
-    writer = new_writer(cfg)
+@dataclass
+class CarMidBatch:
+    commits: list[Committed]
+    backlog: list[asyncio.Task[Reply]]
+    car: asyncio.Task[Reply]
+
+
+@contextlib.asynccontextmanager
+async def car_mid_batch(writer: Writer) -> AsyncIterator[CarMidBatch]:
+    """`writer` running, applying a batch of 300 alerts held at its first statement until a car's decision is
+    submitted (urgent); the batch goes on as the body starts. The writer stops on exit."""
     task = asyncio.create_task(writer.run())
     in_batch, go = threading.Event(), threading.Event()
 
@@ -95,18 +103,27 @@ async def test_a_group_commit_under_way_makes_way_for_a_car(tmp_path: Path) -> N
         car = asyncio.create_task(writer.submit(Enter(vehicle="AB123CD", gate="in1"), urgent=True))
         await asyncio.sleep(0)  # the car is in the priority lane
         go.set()
-        assert (await car).ok
-        await asyncio.gather(*backlog)
+        yield CarMidBatch(commits, backlog, car)
     finally:
         go.set()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    first = commits[0]
+
+
+async def test_a_group_commit_under_way_makes_way_for_a_car(tmp_path: Path) -> None:
+    """A car's decision that arrives while the writer applies a batch of 300 commands does not wait for the other
+    299, nor for a COMMIT of its own: the batch stops after the command under way, applies the decision and commits
+    the two together; the rest follows in its order."""
+    writer = new_writer(lot_config(tmp_path, extra=GATE))
+    async with car_mid_batch(writer) as run:
+        assert (await run.car).ok
+        await asyncio.gather(*run.backlog)
+    first = run.commits[0]
     assert first.batch_size == 2  # the alert it was applying, then the car
     assert [e.type for e in first.events] == ["alert", "session.started", "slot.status", "gate.opened"]
     assert [a.open for a in first.actions] == [True]
-    assert sum(c.batch_size for c in commits) == 301
-    alerts = [e.event.message for c in commits for e in c.events if isinstance(e.event, Alert)]
+    assert sum(c.batch_size for c in run.commits) == 301
+    alerts = [e.event.message for c in run.commits for e in c.events if isinstance(e.event, Alert)]
     assert alerts == [str(i) for i in range(300)]  # committed once each, in the order submitted
 
 
@@ -118,8 +135,6 @@ async def test_a_car_that_joined_a_failed_commit_commits_once_when_it_is_retried
     cfg = lot_config(tmp_path, extra=GATE)
     clock = ManualClock()
     writer = new_writer(cfg, clock)
-    task = asyncio.create_task(writer.run())
-    in_batch, go = threading.Event(), threading.Event()
     enter = HANDLERS[Enter]
     failed: list[bool] = []
 
@@ -132,43 +147,19 @@ async def test_a_car_that_joined_a_failed_commit_commits_once_when_it_is_retried
         return enter(txn, cmd)
 
     monkeypatch.setitem(HANDLERS, Enter, full_once)
-
-    def hold_first_alert(sql: str) -> None:
-        if "INSERT" in sql and not in_batch.is_set():
-            in_batch.set()
-            go.wait()
-
-    loop = asyncio.get_running_loop()
-    try:
-        await writer.wait_ready()
-        assert writer._conn is not None
-        await loop.run_in_executor(writer._executor, writer._conn.set_trace_callback, hold_first_alert)
-        commits: list[Committed] = []
-        writer.add_listener(commits.append)
-        backlog = [
-            asyncio.create_task(writer.submit(RaiseAlert(code="x", severity="info", subject={}, message=str(i))))
-            for i in range(300)
-        ]
-        await loop.run_in_executor(None, in_batch.wait)
-        car = asyncio.create_task(writer.submit(Enter(vehicle="AB123CD", gate="in1"), urgent=True))
-        await asyncio.sleep(0)
-        go.set()
+    async with car_mid_batch(writer) as run:
         while writer.commit_failures == 0:  # noqa: ASYNC110 (counted in the writer thread)
             await asyncio.sleep(0.01)
         clock.advance(1.0)  # the retry's backoff
-        assert (await asyncio.wait_for(car, 10)).ok
-        await asyncio.wait_for(asyncio.gather(*backlog), 10)
-    finally:
-        go.set()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        assert (await asyncio.wait_for(run.car, 10)).ok
+        await asyncio.wait_for(asyncio.gather(*run.backlog), 10)
     assert failed == [True] and writer.commit_failures == 1
     # The retried commit is the one the car had joined: the first alert and the car, rolled back and done again.
-    first = [e.type for e in commits[0].events]
+    first = [e.type for e in run.commits[0].events]
     assert first[0] == "alert" and "gate.opened" in first
-    alerts = [e.event.message for c in commits for e in c.events if isinstance(e.event, Alert)]
+    alerts = [e.event.message for c in run.commits for e in c.events if isinstance(e.event, Alert)]
     assert alerts == [str(i) for i in range(300)]
-    opened = [a for c in commits for a in c.actions if a.open]
+    opened = [a for c in run.commits for a in c.actions if a.open]
     assert len(opened) == 1
     conn = reader(cfg)
     assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 1

@@ -227,9 +227,17 @@ def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[st
         # Plausible first: on its way for less than drive_time. Then same zone; then one whose own slot's sensor
         # would have seen it arrive; then the oldest.
         " ORDER BY s.slot IS NULL OR s.confirmed_timer < ?, s.zone IS NOT ?, t.sensor_state IS NOT 'vacant',"
-        " s.confirmed_timer, s.started_at, s.id",
-        (slot["lot"], seen, seen - txn.settings.arrival_window, seen - txn.settings.drive_time, slot["zone"]),
-    ).fetchall()  # a handful: the sessions on their way
+        " s.confirmed_timer, s.started_at, s.id LIMIT ?",
+        # All of them (a handful: the sessions on their way) only when some may have to be passed over.
+        (
+            slot["lot"],
+            seen,
+            seen - txn.settings.arrival_window,
+            seen - txn.settings.drive_time,
+            slot["zone"],
+            -1 if arriving else 1,
+        ),
+    ).fetchall()
     return next((c for c in candidates if c["sensor"] not in arriving), candidates[0] if candidates else None)
 
 
