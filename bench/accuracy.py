@@ -70,9 +70,10 @@ class Options:
     json_path: str | None = None
     debug: bool = False
     dump_after: float = 400.0  # --debug: dump the slots behind the first mismatch older than this
+    drive_time: float = 120.0  # the gateway's [timing] drive_time: this world's longest drive to a slot
 
 
-def site_config(state_dir: Path, port: int, slots: int) -> GatewayConfig:
+def site_config(state_dir: Path, port: int, slots: int, drive_time: float = 120.0) -> GatewayConfig:
     per_zone = slots // ZONES
     zones = []
     for z in range(1, ZONES + 1):
@@ -90,6 +91,8 @@ embedded = false
 port = {port}
 [privacy]
 publish_plates = true
+[timing]
+drive_time = {drive_time:g}
 [[lots]]
 id = "lot1"
 {"".join(zones)}
@@ -601,7 +604,7 @@ async def simulate(opts: Options, root: Path) -> dict[str, Any]:
     broker = Mosquitto(root)
     try:
         await wait_for_port(broker.port)
-        cfg = site_config(root / "state", broker.port, opts.slots)
+        cfg = site_config(root / "state", broker.port, opts.slots, opts.drive_time)
         clock = ManualClock()
         gw = Gateway(cfg, clock=clock)
         task = asyncio.create_task(gw.run())
@@ -668,6 +671,12 @@ def main(argv: list[str] | None = None) -> None:
         " wrong slot samples by cause (in the JSON's diagnosis)",
     )
     parser.add_argument("--dump-after", type=float, default=400.0, help="with --debug: what a long mismatch is (s)")
+    parser.add_argument(
+        "--drive-time",
+        type=float,
+        default=120.0,
+        help="the gateway's [timing] drive_time (s); this world's cars take 20-120 s from the gate to a slot",
+    )
     parser.add_argument("--mispark", type=float, default=0.10)
     parser.add_argument("--flapping", type=float, default=0.02)
     parser.add_argument("--offline", type=float, default=0.01)
@@ -687,6 +696,7 @@ def main(argv: list[str] | None = None) -> None:
         json_path=args.json_path,
         debug=args.debug,
         dump_after=args.dump_after,
+        drive_time=args.drive_time,
     )
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="pg-accuracy-") as tmp:

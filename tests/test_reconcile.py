@@ -25,7 +25,7 @@ from tests.helpers import reader
 TTS_APP = "parking@ttn"
 
 
-def reconcile_config(state_dir: Path, port: int, timing: str = "") -> GatewayConfig:
+def reconcile_config(state_dir: Path, port: int, timing: str = "", zones: str = "") -> GatewayConfig:
     return parse_config(
         f"""
 [gateway]
@@ -51,6 +51,7 @@ id = "lot1"
   [[lots.zones]]
   id = "B"
   slots = [{{ ids = "B-001..B-002" }}, {{ ids = "T-001", offline_after = 3600, battery_low = 3.0 }}]
+{zones}
 [[gates]]
 id = "in1"
 lot = "lot1"
@@ -356,6 +357,40 @@ async def test_a_car_is_matched_first_to_a_session_that_could_have_driven_there(
         await s.published(lambda: len(s.moved()) == 2)
         assert s.moved()[1] == ("A-001", "B-002", "reseated")
         assert s.obs.events("session.moved")[1]["session_id"] == aaa["session_id"]
+    check_store(cfg)
+
+
+async def test_a_car_in_a_third_zone_is_matched_to_the_likelier_zone(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    zone_c = '  [[lots.zones]]\n  id = "C"\n  slots = [{ ids = "C-001..C-002" }]'
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=zone_c)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        for slot in ("A-001", "A-002", "A-003", "A-004", "B-001", "B-002", "T-001", "C-001", "C-002"):
+            await s.sensor(slot, False)
+        await s.advance(5)
+        for plate in ("PPP001", "PPP002", "PPP003"):  # A-001..A-003, parked
+            await s.park(plate)
+        await s.advance(5)
+        aaa = await s.enter("AAA111")  # A-004, the last of A
+        await s.advance(60)
+        await s.park("PPP004")  # B-001
+        bbb = await s.enter("BBB222")  # B-002
+        ccc = await s.enter("CCC333")  # T-001: B is full
+        assert (aaa["slot"], bbb["slot"], ccc["slot"]) == ("A-004", "B-002", "T-001")
+        await s.sensor("A-001", False)  # PPP001 leaves: A has room again
+        await s.advance(5)
+        await s.exit("PPP001")
+        await s.advance(25)
+        # A car in C-001, none of the three's zone. AAA111 is the oldest on its way (90 s), but a driver who parks
+        # elsewhere mostly stays in a zone with room, and zone B had none and has two cars on their way: one of
+        # theirs, which keeps zone A's and B's counts right either way (the oldest rule took AAA111's).
+        await s.sensor("C-001", True)
+        await s.advance(5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("B-002", "C-001", "reseated")]
+        assert s.obs.events("session.moved")[0]["session_id"] == bbb["session_id"]
+        await s.published(lambda: s.availability()["zones"]["B"]["available"] == 1)
     check_store(cfg)
 
 

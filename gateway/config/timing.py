@@ -38,9 +38,9 @@ class TimingConfig(StrictModel):
         180,
         gt=0,
         description="(extension) Most cars reach a slot within this long after `session.confirmed`. A car found in"
-        " a slot without a session is matched first to the sessions on their way for less than this (same zone"
-        " first, then the oldest), then to those on their way longer (their cars are probably parked where no"
-        " sensor sees them).",
+        " a slot without a session is matched first to the sessions on their way for less than this (the likelier"
+        " zone first, weighing each session by how close it is to this; then the oldest), then to those on their"
+        " way longer (their cars are probably parked where no sensor sees them).",
     )
     vacate_grace: float = Field(
         600,

@@ -8,9 +8,10 @@ step changes no outcome.
   On a free slot (no active session, blocked or not): the slot leaves availability, and the nearest unseated
   session of the lot is re-seated there (`session.moved`, its old slot freed) — one confirmed before the car was
   first seen and less than `arrival_window` ago, or one roaming without a slot; those on their way for less than
-  `drive_time` first, then same zone, then one whose slot's sensor would have seen it arrive, then the oldest;
-  last of all one whose own slot's sensor is debouncing a car (the ingress's `SensorChanges.arriving`, or a later
-  change of the same batch): its car has most likely just parked there.
+  `drive_time` first (of several zones, the likeliest zone: `_likeliest`), then same zone, then one whose slot's
+  sensor would have seen it arrive, then the oldest; last of all one whose own slot's sensor is debouncing a car
+  (the ingress's `SensorChanges.arriving`, or a later change of the same batch): its car has most likely just
+  parked there.
   Without one: `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a
   car, where a seated session whose own slot reports vacant and that was confirmed within `drive_time` of the
   ended one comes first: the nearest-candidate rule can seat two cars' sessions crosswise (both on their way at
@@ -60,6 +61,8 @@ RESEATED = "session.reseated"
 BATTERY_REPEAT_S = 86400.0
 BATTERY_HYSTERESIS = 0.1
 LIVE_STATES = ("vacant", "occupied")
+# Of drivers parking elsewhere than assigned, the share that stays in the assigned zone when it has room.
+SAME_ZONE_SHARE = 0.7
 
 
 def offline_pad(flush: float) -> float:
@@ -219,26 +222,57 @@ def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[st
 
     Last of all, one whose own slot's sensor is `arriving`: its car has most likely just parked there."""
     # On its way when the car was first seen (not when the debounce let it count): confirmed before then, and no
-    # longer ago than arrival_window (unless it has no slot).
+    # longer ago than arrival_window (unless it has no slot). A handful of rows: the sessions on their way.
     candidates: list[sqlite3.Row] = txn.conn.execute(
-        "SELECT s.id, s.slot, t.sensor FROM sessions s INDEXED BY sessions_unseated LEFT JOIN slots t ON t.id = s.slot"
+        "SELECT s.id, s.slot, s.zone, s.confirmed_timer, t.sensor FROM sessions s INDEXED BY sessions_unseated"
+        " LEFT JOIN slots t ON t.id = s.slot"
         " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.confirmed_timer <= ?"
         " AND (s.slot IS NULL OR s.confirmed_timer >= ?)"
         # Plausible first: on its way for less than drive_time. Then same zone; then one whose own slot's sensor
         # would have seen it arrive; then the oldest.
         " ORDER BY s.slot IS NULL OR s.confirmed_timer < ?, s.zone IS NOT ?, t.sensor_state IS NOT 'vacant',"
-        " s.confirmed_timer, s.started_at, s.id LIMIT ?",
-        # All of them (a handful: the sessions on their way) only when some may have to be passed over.
-        (
-            slot["lot"],
-            seen,
-            seen - txn.settings.arrival_window,
-            seen - txn.settings.drive_time,
-            slot["zone"],
-            -1 if arriving else 1,
-        ),
+        " s.confirmed_timer, s.started_at, s.id",
+        (slot["lot"], seen, seen - txn.settings.arrival_window, seen - txn.settings.drive_time, slot["zone"]),
     ).fetchall()
-    return next((c for c in candidates if c["sensor"] not in arriving), candidates[0] if candidates else None)
+    if not candidates:
+        return None
+    plausible = [
+        c
+        for c in candidates
+        if c["slot"] is not None
+        and c["confirmed_timer"] >= seen - txn.settings.drive_time
+        and c["sensor"] not in arriving
+    ]
+    if len({c["zone"] for c in plausible}) > 1:
+        return _likeliest(txn, slot, seen, plausible)
+    return next((c for c in candidates if c["sensor"] not in arriving), candidates[0])
+
+
+def _likeliest(txn: Txn, slot: sqlite3.Row, seen: float, plausible: list[sqlite3.Row]) -> sqlite3.Row:
+    """Of sessions on their way to several zones, one of the zone the car in `slot` most likely came from.
+
+    Only the zone moves the published counts, so the zones are weighed, each by the sum over its sessions of
+    how likely that session's car is this one: a driver parking elsewhere than assigned stays in the assigned
+    zone (`SAME_ZONE_SHARE`) when it has room, otherwise takes any free slot of the lot; and with drive times
+    spread up to `drive_time`, a car on its way for longer is likelier to arrive now (the hazard
+    1 / (drive_time - time on its way)). Within the zone, the first in `_on_its_way`'s order."""
+    free: dict[str, int] = dict(
+        txn.conn.execute(
+            "SELECT zone, COUNT(*) FROM slots WHERE lot = ? AND status = 'available' GROUP BY zone", (slot["lot"],)
+        ).fetchall()
+    )
+    lot_free = max(1, sum(free.values()))
+    here = max(1, free.get(slot["zone"], 0))
+    weights: dict[str, float] = {}
+    for c in plausible:
+        if c["zone"] == slot["zone"]:
+            share = SAME_ZONE_SHARE * lot_free / here + (1 - SAME_ZONE_SHARE)
+        else:
+            share = 1 - SAME_ZONE_SHARE if free.get(c["zone"], 0) else 1.0
+        hazard = 1.0 / max(1.0, txn.settings.drive_time - (seen - c["confirmed_timer"]))
+        weights[c["zone"]] = weights.get(c["zone"], 0.0) + share * hazard
+    zone = max(weights, key=lambda z: weights[z])
+    return next(c for c in plausible if c["zone"] == zone)
 
 
 def _returns(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float, arriving: frozenset[str]) -> bool:
