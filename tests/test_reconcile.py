@@ -376,12 +376,13 @@ async def test_a_car_in_a_third_zone_is_matched_to_the_likelier_zone(
         await s.advance(60)
         await s.park("PPP004")  # B-001
         bbb = await s.enter("BBB222")  # B-002
+        await s.advance(1)
         ccc = await s.enter("CCC333")  # T-001: B is full
         assert (aaa["slot"], bbb["slot"], ccc["slot"]) == ("A-004", "B-002", "T-001")
         await s.sensor("A-001", False)  # PPP001 leaves: A has room again
         await s.advance(5)
         await s.exit("PPP001")
-        await s.advance(25)
+        await s.advance(24)
         # A car in C-001, none of the three's zone. AAA111 is the oldest on its way (90 s), but a driver who parks
         # elsewhere mostly stays in a zone with room, and zone B had none and has two cars on their way: one of
         # theirs, which keeps zone A's and B's counts right either way (the oldest rule took AAA111's).
@@ -391,6 +392,22 @@ async def test_a_car_in_a_third_zone_is_matched_to_the_likelier_zone(
         assert s.moved() == [("B-002", "C-001", "reseated")]
         assert s.obs.events("session.moved")[0]["session_id"] == bbb["session_id"]
         await s.published(lambda: s.availability()["zones"]["B"]["available"] == 1)
+        check_store(cfg)
+        # AAA111's drive_time (180 s) ends with its car nowhere seen and BBB222's slot still vacant: the car is
+        # more likely AAA111's after all (its drive is over, BBB222's may not be). They swap.
+        await s.advance(80)
+        assert len(s.moved()) == 1  # not before its drive_time ends
+        await s.advance(10)
+        await s.published(lambda: len(s.moved()) == 3)
+        assert s.moved()[1:] == [("C-001", "B-002", "reverted"), ("A-004", "C-001", "reseated")]
+        assert [e["session_id"] for e in s.obs.events("session.moved")[1:]] == [bbb["session_id"], aaa["session_id"]]
+        await s.published(lambda: s.availability()["zones"]["A"]["available"] == 2)
+        await s.published(lambda: s.availability()["zones"]["B"]["available"] == 0)
+        # And BBB222's car arriving now is BBB222's: nothing moves.
+        await s.sensor("B-002", True)
+        await s.advance(5)
+        await s.published(lambda: s.slot("B-002")["sensor"] == "occupied")
+        assert len(s.moved()) == 3 and s.alerts("slot.unregistered_occupancy") == []
     check_store(cfg)
 
 

@@ -18,6 +18,8 @@ step changes no outcome.
   once), and when one of them leaves this is where the other swaps back; any other session with a vacant slot is
   most likely a car on its way to the exit. Unless that sensor has not been heard within half its `offline_after`:
   the car it last saw has most likely just left without a word from it, so it is offline at once.
+- **A pick across zones is looked at again** when the oldest session of another zone it passed over has been on
+  its way for `drive_time` unseen (`session.recheck`, `_recheck`): the car is then more likely that one's.
 - **Re-seats can be taken back.** The slot a session on its way was re-seated away from is remembered for its
   arrival window (`session.reseated`) and allocated last in its tier. A car found there soon enough is that
   session's after all: it goes back, and the car it had been re-seated to is matched again. A re-seat whose car
@@ -58,6 +60,7 @@ from gateway.core.txn import Txn
 VACATE = "session.vacate"
 OFFLINE = "sensor.offline"
 RESEATED = "session.reseated"
+RECHECK = "session.recheck"
 BATTERY_REPEAT_S = 86400.0
 BATTERY_HYSTERESIS = 0.1
 LIVE_STATES = ("vacant", "occupied")
@@ -182,8 +185,9 @@ def _occupied(
         return
     candidate = None if swap is None else _crossed(txn, slot, swap)
     crossed = candidate is not None
+    recheck = None
     if candidate is None:
-        candidate = _on_its_way(txn, slot, seen, arriving)
+        candidate, recheck = _pick(txn, slot, seen, arriving)
     if candidate is None:
         _unregistered(txn, slot_id, seen)
         return
@@ -198,6 +202,8 @@ def _occupied(
     txn.emit(SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=slot_id, reason="reseated"))
     if from_slot is not None:
         slots.refresh(txn, from_slot, "session.moved")
+    if recheck is not None and from_slot is not None:
+        timers.schedule(txn, RECHECK, session_id, recheck)
 
 
 def _unregistered(txn: Txn, slot_id: str, seen: float) -> None:
@@ -218,7 +224,15 @@ def _heard_lately(txn: Txn, slot: sqlite3.Row) -> bool:
 
 
 def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[str] = frozenset()) -> sqlite3.Row | None:
-    """The session on its way that a car first seen in `slot` at `seen` most likely belongs to, or None.
+    """The session on its way that a car first seen in `slot` at `seen` most likely belongs to, or None."""
+    return _pick(txn, slot, seen, arriving)[0]
+
+
+def _pick(
+    txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[str] = frozenset()
+) -> tuple[sqlite3.Row | None, float | None]:
+    """`_on_its_way`, and when the pick passed over an older session of another zone, when that one's drive_time
+    ends (Timeline): if its car has not arrived by then, the car is more likely its (`_recheck`).
 
     Last of all, one whose own slot's sensor is `arriving`: its car has most likely just parked there."""
     # On its way when the car was first seen (not when the debounce let it count): confirmed before then, and no
@@ -235,7 +249,7 @@ def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[st
         (slot["lot"], seen, seen - txn.settings.arrival_window, seen - txn.settings.drive_time, slot["zone"]),
     ).fetchall()
     if not candidates:
-        return None
+        return None, None
     plausible = [
         c
         for c in candidates
@@ -244,8 +258,14 @@ def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[st
         and c["sensor"] not in arriving
     ]
     if len({c["zone"] for c in plausible}) > 1:
-        return _likeliest(txn, slot, seen, plausible)
-    return next((c for c in candidates if c["sensor"] not in arriving), candidates[0])
+        chosen = _likeliest(txn, slot, seen, plausible)
+        passed = [
+            c["confirmed_timer"]
+            for c in plausible
+            if c["confirmed_timer"] < chosen["confirmed_timer"] and c["zone"] != chosen["zone"]
+        ]
+        return chosen, (min(passed) + txn.settings.drive_time if passed else None)
+    return next((c for c in candidates if c["sensor"] not in arriving), candidates[0]), None
 
 
 def _likeliest(txn: Txn, slot: sqlite3.Row, seen: float, plausible: list[sqlite3.Row]) -> sqlite3.Row:
@@ -302,6 +322,7 @@ def _set_reseated_from(txn: Txn, session_id: str, from_slot: str | None, seen: f
     if until is None or until <= txn.timer_now:
         from_slot = None
         timers.cancel(txn, RESEATED, session_id)
+        timers.cancel(txn, RECHECK, session_id)
     else:
         timers.schedule(txn, RESEATED, session_id, until)
     txn.conn.execute(
@@ -469,6 +490,63 @@ def _park_unseen(txn: Txn, session_id: str, lot: str, zone: str) -> None:
 def _reseated_due(txn: Txn, session_id: str) -> None:
     # The arrival window is over: its car is not driving to the slot it was re-seated away from any more.
     _set_reseated_from(txn, session_id, None)
+
+
+@timers.on_due(RECHECK)
+def _recheck(txn: Txn, session_id: str) -> None:
+    """A session re-seated over an older one of another zone, at the end of that one's drive_time: if neither car
+    has arrived since (the re-seated one's slot still vacant and free, the older one still on its way), the car is
+    more likely the older one's, whose drive is over, than the re-seated one's, still driving: they swap. The
+    older one remembers its own slot as `_occupied` would (a car there soon is its after all, and the car is
+    matched again); the re-seated one is on its way again, a fresh vacate grace for its slot."""
+    row = txn.conn.execute(
+        "SELECT id, slot, reseated_from, reseated_seen, confirmed_timer FROM sessions"
+        " WHERE id = ? AND state = 'active'",
+        (session_id,),
+    ).fetchone()
+    if row is None or row["reseated_from"] is None or row["slot"] is None:
+        return
+    here = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (row["slot"],)).fetchone()
+    back = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (row["reseated_from"],)).fetchone()
+    if here["sensor_state"] != "occupied" or back["sensor_state"] != "vacant":
+        return
+    if slots.active_session_on(txn.conn, back["id"]) is not None:
+        return
+    seen = row["reseated_seen"]
+    older = txn.conn.execute(
+        "SELECT s.id, s.slot FROM sessions s INDEXED BY sessions_unseated JOIN slots t ON t.id = s.slot"
+        " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.zone IS NOT ?"
+        " AND s.confirmed_timer < ? AND s.confirmed_timer >= ? AND s.confirmed_timer <= ?"
+        " AND t.sensor_state = 'vacant' ORDER BY s.confirmed_timer, s.id LIMIT 1",
+        (
+            here["lot"],
+            back["zone"],
+            row["confirmed_timer"],
+            seen - txn.settings.drive_time,
+            txn.timer_now - txn.settings.drive_time,
+        ),
+    ).fetchone()
+    if older is None:
+        return
+    # The re-seated session goes back, on its way again.
+    txn.conn.execute(
+        "UPDATE sessions SET slot = ?, zone = ?, seated_at = NULL, vacant_since = NULL WHERE id = ?",
+        (back["id"], back["zone"], session_id),
+    )
+    _set_reseated_from(txn, session_id, None)
+    txn.emit(SessionMoved(session_id=session_id, from_slot=here["id"], to_slot=back["id"], reason="reverted"))
+    _start_vacancy(txn, session_id, txn.timer_now)
+    slots.refresh(txn, back["id"], "session.moved")
+    # The older one takes the car.
+    txn.conn.execute(
+        "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL WHERE id = ?",
+        (here["id"], here["zone"], txn.now, older["id"]),
+    )
+    timers.cancel(txn, VACATE, older["id"])
+    _set_reseated_from(txn, older["id"], older["slot"], seen)
+    txn.emit(SessionMoved(session_id=older["id"], from_slot=older["slot"], to_slot=here["id"], reason="reseated"))
+    slots.refresh(txn, older["slot"], "session.moved")
+    slots.refresh(txn, here["id"], "session.moved")
 
 
 @timers.on_due(OFFLINE)
