@@ -258,9 +258,10 @@ class RawStore:
         self._refresh(now, slot, "session.ended")
         # reconcile.session_closed: no vacate countdown any more; a car still reported in the slot is someone else's.
         self.conn.execute("DELETE FROM deadlines WHERE kind = ? AND subject = ?", ("session.vacate", session_id))
-        # ... and it forgets a slot it was re-seated away from, with that slot's deadline.
+        # ... and it forgets a slot it was re-seated away from, with that slot's deadlines.
         self.conn.execute("SELECT reseated_from, confirmed_timer FROM sessions WHERE id = ?", (session_id,)).fetchone()
         self.conn.execute("DELETE FROM deadlines WHERE kind = ? AND subject = ?", ("session.reseated", session_id))
+        self.conn.execute("DELETE FROM deadlines WHERE kind = ? AND subject = ?", ("session.recheck", session_id))
         self.conn.execute("UPDATE sessions SET reseated_from = NULL, reseated_seen = NULL WHERE id = ?", (session_id,))
         self.conn.execute("SELECT * FROM slots WHERE id = ?", (slot,)).fetchone()
         self.conn.execute("RELEASE cmd")
