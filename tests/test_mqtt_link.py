@@ -354,6 +354,34 @@ async def test_last_will_on_abnormal_disconnect_and_offline_on_cancel(broker: Br
     await until(lambda: not client_tasks(asyncio.all_tasks() - baseline))
 
 
+async def test_a_cancellation_swallowed_under_the_link_still_stops_it(broker: Broker) -> None:
+    # Python 3.11's asyncio.wait_for (aiomqtt waits for every PUBACK and SUBACK with it) returns the result and
+    # drops the cancellation when both come in the same loop iteration: the link cancelled while its `online`
+    # was being acknowledged went on serving, and the test above hung in `await task` for 300 s (twice in CI).
+    # Here a hook swallows the cancellation the same way.
+    swallowed = asyncio.Event()
+
+    async def on_connect() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed.set()
+
+    link = MqttLink(options(broker), collector()[1], on_connect=on_connect)
+    task = asyncio.create_task(link.run())
+    await until(lambda: link._client is not None and link._client._client.is_connected())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    # asyncio.wait, not `await task`: a second cancellation (of the waiter, passed on to the task) would hide it.
+    await asyncio.wait({task}, timeout=DEADLINE)
+    assert swallowed.is_set()
+    if not task.done():
+        task.cancel()  # once more, so the test ends; the assertion below says what went wrong
+        await asyncio.wait({task}, timeout=DEADLINE)
+        pytest.fail("the link ran on after its cancellation was swallowed")
+    assert task.cancelled() and not link.connected
+
+
 async def test_queue_bound_drops_oldest_non_retained(broker: Broker) -> None:
     gate = Gate()
     gate.opened.clear()

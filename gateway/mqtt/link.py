@@ -296,6 +296,7 @@ class MqttLink:
         nodes = self._nodes
         ever_connected = False
         while True:
+            _raise_if_cancelling()
             await asyncio.sleep(nodes.delay())
             host, port = nodes.current
             client = self._new_client(host, port)
@@ -391,11 +392,14 @@ class MqttLink:
         try:
             if opts.subscriptions:
                 granted = await client.subscribe(list(opts.subscriptions))
+                _raise_if_cancelling()
                 self._check_granted(granted)
             if self._online_when is None:
                 await client.publish(opts.status_topic, b"online", qos=1, retain=True)
+                _raise_if_cancelling()
             if self._on_connect is not None:
                 await self._on_connect()
+                _raise_if_cancelling()
             self._queue_retained_state()
             self.connected = True
             self._drop_warned = False
@@ -448,9 +452,13 @@ class MqttLink:
             await self._flush(broken)
             raise
         finally:
-            for task in helpers:
-                task.cancel()
-            await asyncio.wait(helpers)
+            pending = set(helpers)
+            while pending:
+                for task in pending:
+                    task.cancel()
+                # Again after a second: a helper whose cancellation was swallowed (see _raise_if_cancelling) would
+                # hold this wait, and the link, for ever.
+                _, pending = await asyncio.wait(pending, timeout=1.0)
             self._requeue_inflight()
         if broken.done():
             broken.result()  # raises the MqttError of the failed publish or of the session hook
@@ -591,6 +599,15 @@ class MqttLink:
             back.append(item)
         self._inflight.clear()
         self._queue.extendleft(reversed(back))
+
+
+def _raise_if_cancelling() -> None:
+    """Raise the cancellation of this task if an await swallowed it. Python 3.11's asyncio.wait_for, which aiomqtt
+    waits for every acknowledgement with, returns the result and drops a cancellation that comes in the same loop
+    iteration as the result: the link then served on after its task was cancelled (a stop that never ends)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def open_client(client: aiomqtt.Client) -> None:
