@@ -360,7 +360,7 @@ async def test_a_car_is_matched_first_to_a_session_that_could_have_driven_there(
     check_store(cfg)
 
 
-async def test_a_car_in_a_third_zone_is_matched_to_the_likelier_zone(
+async def test_a_car_in_a_third_zone_goes_to_the_likelier_zone_and_is_rechecked(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
     zone_c = '  [[lots.zones]]\n  id = "C"\n  slots = [{ ids = "C-001..C-002" }]'
