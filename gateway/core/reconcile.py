@@ -191,19 +191,26 @@ def _occupied(
     if candidate is None:
         _unregistered(txn, slot_id, seen)
         return
-    session_id, from_slot = candidate["id"], candidate["slot"]
+    # A seated session swapping back left a vacant slot; one on its way leaves one its car may still drive to.
+    _reseat(txn, candidate["id"], slot, candidate["slot"], seen, remember=not crossed)
+    if recheck is not None:
+        timers.schedule(txn, RECHECK, candidate["id"], recheck)
+
+
+def _reseat(
+    txn: Txn, session_id: str, slot: sqlite3.Row, from_slot: str | None, seen: float, *, remember: bool
+) -> None:
+    """Seat the session on the car in `slot`, its `from_slot` freed; `remember`: its car may still be driving to
+    `from_slot` (`_set_reseated_from`). The caller refreshes `slot`."""
     txn.conn.execute(
         "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL WHERE id = ?",
-        (slot_id, slot["zone"], txn.now, session_id),
+        (slot["id"], slot["zone"], txn.now, session_id),
     )
     timers.cancel(txn, VACATE, session_id)
-    # A seated session swapping back left a vacant slot; one on its way leaves one its car may still drive to.
-    _set_reseated_from(txn, session_id, None if crossed else from_slot, seen)
-    txn.emit(SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=slot_id, reason="reseated"))
+    _set_reseated_from(txn, session_id, from_slot if remember else None, seen)
+    txn.emit(SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=slot["id"], reason="reseated"))
     if from_slot is not None:
         slots.refresh(txn, from_slot, "session.moved")
-    if recheck is not None and from_slot is not None:
-        timers.schedule(txn, RECHECK, session_id, recheck)
 
 
 def _unregistered(txn: Txn, slot_id: str, seen: float) -> None:
@@ -367,19 +374,24 @@ def _take_back(txn: Txn, slot: sqlite3.Row, session: sqlite3.Row, at: float) -> 
     if slots.active_session_on(txn.conn, back) is not None:
         return False
     target = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (back,)).fetchone()
-    session_id = session["id"]
+    _send_back(txn, session["id"], slot["id"], target)
+    return True
+
+
+def _send_back(txn: Txn, session_id: str, from_slot: str, target: sqlite3.Row) -> None:
+    """A re-seat undone (`reverted`): the session goes back to `target`, the slot it was re-seated away from, on
+    its way again (seated if a car is there, a fresh vacate grace if it is vacant)."""
     txn.conn.execute(
         "UPDATE sessions SET slot = ?, zone = ?, seated_at = NULL, vacant_since = NULL WHERE id = ?",
-        (back, target["zone"], session_id),
+        (target["id"], target["zone"], session_id),
     )
     _set_reseated_from(txn, session_id, None)
-    txn.emit(SessionMoved(session_id=session_id, from_slot=slot["id"], to_slot=back, reason="reverted"))
+    txn.emit(SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=target["id"], reason="reverted"))
     if target["sensor_state"] == "occupied":
         txn.conn.execute("UPDATE sessions SET seated_at = ? WHERE id = ?", (txn.now, session_id))
     elif target["sensor_state"] == "vacant":
         _start_vacancy(txn, session_id, txn.timer_now)
-    slots.refresh(txn, back, "session.moved")
-    return True
+    slots.refresh(txn, target["id"], "session.moved")
 
 
 def _start_vacancy(txn: Txn, session_id: str, since: float) -> None:
@@ -528,24 +540,8 @@ def _recheck(txn: Txn, session_id: str) -> None:
     ).fetchone()
     if older is None:
         return
-    # The re-seated session goes back, on its way again.
-    txn.conn.execute(
-        "UPDATE sessions SET slot = ?, zone = ?, seated_at = NULL, vacant_since = NULL WHERE id = ?",
-        (back["id"], back["zone"], session_id),
-    )
-    _set_reseated_from(txn, session_id, None)
-    txn.emit(SessionMoved(session_id=session_id, from_slot=here["id"], to_slot=back["id"], reason="reverted"))
-    _start_vacancy(txn, session_id, txn.timer_now)
-    slots.refresh(txn, back["id"], "session.moved")
-    # The older one takes the car.
-    txn.conn.execute(
-        "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL WHERE id = ?",
-        (here["id"], here["zone"], txn.now, older["id"]),
-    )
-    timers.cancel(txn, VACATE, older["id"])
-    _set_reseated_from(txn, older["id"], older["slot"], seen)
-    txn.emit(SessionMoved(session_id=older["id"], from_slot=older["slot"], to_slot=here["id"], reason="reseated"))
-    slots.refresh(txn, older["slot"], "session.moved")
+    _send_back(txn, session_id, here["id"], back)
+    _reseat(txn, older["id"], here, older["slot"], seen, remember=True)
     slots.refresh(txn, here["id"], "session.moved")
 
 
