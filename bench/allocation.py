@@ -287,7 +287,7 @@ def open_raw(cfg: GatewayConfig, sync: Synchronous) -> RawStore:
     conn = connect(db_path(cfg.state_path()), synchronous=sync)
     conn.row_factory = None
     migrate(conn)
-    sync_config(conn, {lot.id: lot.name for lot in cfg.lots}, cfg.slot_specs())
+    sync_config(conn, {lot.id: lot.name for lot in cfg.lots}, cfg.slot_specs(), time.time())
     tariff = next((tariff_from_config(t, cfg.gateway.timezone) for t in cfg.tariffs if t.lot == LOT), None)
     return RawStore(conn, cfg.gateway.id, tariff)
 

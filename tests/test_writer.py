@@ -291,3 +291,15 @@ async def test_a_full_disk_is_retried_and_a_request_gives_up_after_its_patience(
     conn = reader(cfg)
     assert conn.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 200
     assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 0  # given up: never committed
+
+
+async def test_new_slots_are_available_since_the_gateways_clock_not_the_machines(tmp_path: Path) -> None:
+    clock = ManualClock(wall=1_000_000.0)  # 1970: far from any machine's time.time()
+    cfg = lot_config(tmp_path, slots=2)
+    w = new_writer(cfg, clock=clock)
+    task = asyncio.create_task(w.run())
+    await w.wait_ready()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    conn = reader(cfg)
+    assert {since for (since,) in conn.execute("SELECT since FROM slots")} == {1_000_000.0}

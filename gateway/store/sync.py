@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 
 from gateway.config import SlotSpec
 from gateway.core.slots import alloc_rank
 from gateway.store.schema import StoreError
 
 
-def sync_config(
-    conn: sqlite3.Connection, lots: dict[str, str], specs: list[SlotSpec], now: float | None = None
-) -> None:
-    """Make lots, zones and slots match the config; refuse to drop a slot that a session occupies."""
-    now = time.time() if now is None else now
+def sync_config(conn: sqlite3.Connection, lots: dict[str, str], specs: list[SlotSpec], now: float) -> None:
+    """Make lots, zones and slots match the config; refuse to drop a slot that a session occupies.
+
+    `now` (wall time) is a new slot's `since`: the caller's clock, so a test's simulated day agrees with itself.
+    """
     wanted = {s.id: s for s in specs}
     conn.execute("BEGIN IMMEDIATE")
     try:

@@ -410,7 +410,7 @@ class Writer:
         conn.execute("PRAGMA cache_size=-1024")
         migrate(conn)
         lots = {lot.id: lot.name for lot in self._config.lots}
-        sync_config(conn, lots, self._config.slot_specs())
+        sync_config(conn, lots, self._config.slot_specs(), self._clock.wall())
         sync_gates(conn, [g.id for g in self._config.gates if g.serial is not None])
         self._conn = conn
         self._next_seq = self._load_seq()
