@@ -46,6 +46,13 @@ def _again(txn: Txn, subject: str) -> None:
         timers.schedule(txn, "test.again", "once more", txn.timer_now + 5)
 
 
+@timers.on_due("test.first")
+def _first(txn: Txn, subject: str) -> None:
+    FIRED.append(("test.first", subject, txn.timer_now))
+    timers.schedule(txn, "test.ping", "moved", txn.timer_now + 100)
+    timers.cancel(txn, "test.ping", "cancelled")
+
+
 @pytest.fixture(autouse=True)
 def schedule_command() -> Iterator[None]:
     FIRED.clear()
@@ -116,6 +123,25 @@ async def test_a_handler_may_schedule_again(tmp_path: Path, clock: ManualClock) 
         clock.advance(5)
         await settle()
         assert [s for _, s, _ in FIRED] == ["twice", "once more"]
+    finally:
+        await gw.stop()
+
+
+async def test_a_row_moved_or_cancelled_by_an_earlier_handler_of_the_batch_does_not_fire(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    gw = await start(tmp_path, clock)
+    try:
+        now = gw.writer.timeline.now()
+        await gw.writer.submit(Schedule("test.first", "x", now + 1))
+        await gw.writer.submit(Schedule("test.ping", "moved", now + 2))
+        await gw.writer.submit(Schedule("test.ping", "cancelled", now + 3))
+        clock.advance(10)  # all three are due in one batch; the first moves one and cancels the other
+        await settle()
+        assert [s for _, s, _ in FIRED] == ["x"]
+        clock.advance(100)
+        await settle()
+        assert [s for _, s, _ in FIRED] == ["x", "moved"]
     finally:
         await gw.stop()
 

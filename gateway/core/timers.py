@@ -62,7 +62,8 @@ def due_at(txn: Txn, kind: str, subject: str) -> float | None:
 
 
 def fire_due(txn: Txn, _cmd: FireDue) -> dict[str, Any]:
-    """Run every deadline that has come, oldest first; each row is deleted before its handler runs."""
+    """Run every deadline that has come, oldest first; each row is deleted before its handler runs. A row that an
+    earlier handler of the batch cancelled or moved past now does not run."""
     rows = txn.conn.execute(
         "SELECT kind, subject FROM (SELECT kind, subject, due FROM deadlines WHERE wall = 0 AND due <= ?"
         " UNION ALL SELECT kind, subject, due FROM deadlines WHERE wall = 1 AND due <= ?) ORDER BY due LIMIT ?",
@@ -70,7 +71,12 @@ def fire_due(txn: Txn, _cmd: FireDue) -> dict[str, Any]:
     ).fetchall()
     fired: dict[str, int] = {}
     for kind, subject in rows:
-        txn.conn.execute("DELETE FROM deadlines WHERE kind = ? AND subject = ?", (kind, subject))
+        still_due = txn.conn.execute(
+            "DELETE FROM deadlines WHERE kind = ? AND subject = ? AND due <= CASE wall WHEN 1 THEN ? ELSE ? END",
+            (kind, subject, txn.now, txn.timer_now),
+        ).rowcount
+        if not still_due:
+            continue
         handler = _HANDLERS.get(kind)
         if handler is not None:  # a kind whose feature was removed from the config: the row just goes
             handler(txn, subject)
