@@ -715,6 +715,100 @@ async def test_a_session_never_seen_is_seated_where_no_sensor_sees_after_its_gra
     check_store(cfg)
 
 
+async def test_a_car_that_left_its_slot_without_an_exit_is_seated_where_no_sensor_sees(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        await s.sensor("A-001", False)  # it dies now
+        await s.sensor("A-002", False)
+        await s.advance(5)
+        for _ in range(16):
+            await s.advance(60)
+            await s.sensor("A-002", False)
+        await s.published(lambda: s.slot("A-001")["sensor"] == "offline")
+        started = await s.park("AAA111")
+        assert started["slot"] == "A-002"
+        await s.advance(60)
+        # The car moves over the dead sensor in A-001: A-002 reports vacant, and no exit comes.
+        for _ in range(11):
+            await s.sensor("A-002", False)
+            await s.advance(60)
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved() == [("A-002", None, "vacated"), (None, "A-001", "unseen")]
+        await s.published(lambda: s.slot("A-001")["session"] == started["session_id"])
+        await s.published(lambda: s.availability()["zones"]["A"]["occupied"] == 1)
+    check_store(cfg)
+
+
+async def test_a_session_seated_unseen_is_taken_for_a_car_found_later_without_one(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        cars = {"A-002": False, "A-003": False, "A-004": False}  # what the live sensors see
+
+        async def heartbeats(minutes: int) -> None:
+            for _ in range(minutes):
+                await s.advance(60)
+                for slot, occupied in cars.items():
+                    await s.sensor(slot, occupied)
+
+        await s.sensor("A-001", False)  # it dies now
+        await heartbeats(16)
+        await s.published(lambda: s.slot("A-001")["sensor"] == "offline")
+        first = await s.enter("BBB222")
+        await s.advance(10, step=10)
+        second = await s.enter("AAA111")
+        assert (first["slot"], second["slot"]) == ("A-002", "A-003")
+        # AAA111's car parks in A-004 and is taken for BBB222's (the older session on its way); BBB222's car parks
+        # over the dead sensor in A-001, unseen.
+        cars["A-004"] = True
+        await s.sensor("A-004", True)
+        await s.advance(5, step=5)
+        await s.published(lambda: s.moved() == [("A-002", "A-004", "reseated")])
+        # AAA111's grace runs out: it is seated where no sensor sees, A-001 (right in the counts, not in the names).
+        await heartbeats(10)
+        await s.published(lambda: len(s.moved()) == 3)
+        assert s.moved()[1:] == [("A-003", None, "vacated"), (None, "A-001", "unseen")]
+        # Past AAA111's arrival window, BBB222 leaves from A-001; A-004 still reports a car: the unseen guess was
+        # AAA111's, and it is corrected.
+        await heartbeats(6)
+        await s.exit("BBB222")
+        await s.published(lambda: len(s.moved()) == 4)
+        assert s.moved()[3] == ("A-001", "A-004", "reseated")
+        assert s.obs.events("session.moved")[3]["session_id"] == second["session_id"]
+        await s.published(lambda: s.slot("A-001")["status"] == "available")
+        assert s.slot("A-004")["session"] == second["session_id"]
+        assert s.alerts("slot.unregistered_occupancy") == []
+    check_store(cfg)
+
+
+async def test_a_free_slot_going_offline_takes_a_session_running_on_without_one(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        for slot in ("A-001", "A-002", "A-003", "A-004"):
+            await s.sensor(slot, False)
+        await s.advance(5)
+        started = await s.enter("AAA111")
+        assert started["slot"] == "A-001"
+        # A-002's sensor dies now, and AAA111's car parks over it unseen; the others heartbeat.
+        for minute in range(1, 16):
+            await s.advance(60)
+            for slot in ("A-001", "A-003", "A-004"):
+                await s.sensor(slot, False)
+            if minute == 11:  # the grace has run out, and no sensor is offline yet: it runs on without a slot
+                await s.published(lambda: s.moved() == [("A-001", None, "vacated")])
+        await s.published(lambda: s.slot("A-002")["sensor"] == "offline")
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved()[1] == (None, "A-002", "unseen")
+        await s.published(lambda: s.slot("A-002")["session"] == started["session_id"])
+        await s.published(lambda: s.availability()["zones"]["A"]["occupied"] == 1)
+    check_store(cfg)
+
+
 async def test_sensor_offline_alerts_and_its_slot_is_allocated_last(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:

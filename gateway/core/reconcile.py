@@ -7,11 +7,11 @@ step changes no outcome.
 - **Occupied** on a slot with a session: the car is in its slot (`seated_at`); a vacate countdown is cancelled.
   On a free slot (no active session, blocked or not): the slot leaves availability, and the nearest unseated
   session of the lot is re-seated there (`session.moved`, its old slot freed) — one confirmed before the car was
-  first seen and less than `arrival_window` ago, or one roaming without a slot; those on their way for less than
-  `drive_time` first (of several zones, the likeliest zone: `_likeliest`), then same zone, then one whose slot's
-  sensor would have seen it arrive, then the oldest; last of all one whose own slot's sensor is debouncing a car
-  (the ingress's `SensorChanges.arriving`, or a later change of the same batch): its car has most likely just
-  parked there.
+  first seen and less than `arrival_window` ago, or one roaming without a slot or placed `unseen`; those on their
+  way for less than `drive_time` first (of several zones, the likeliest zone: `_likeliest`), then same zone, then
+  one whose slot's sensor would have seen it arrive, then the oldest; last of all one whose own slot's sensor is
+  debouncing a car (the ingress's `SensorChanges.arriving`, or a later change of the same batch): its car has most
+  likely just parked there.
   Without one: `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a
   car, where a seated session whose own slot reports vacant and that was confirmed within `drive_time` of the
   ended one comes first: the nearest-candidate rule can seat two cars' sessions crosswise (both on their way at
@@ -29,9 +29,10 @@ step changes no outcome.
   vacancy began and within half its `offline_after` (its last word alone is no evidence for the whole grace: a
   sensor that died reporting vacant, or died before the car came, must not release the car parked over it
   before it is known offline): `alert` `session.vacated`, the session
-  runs on without a slot (`session.moved` to null), the slot is available again; one never seen in a slot is then
-  seated in a free slot whose sensor is offline, if any (`unseen`). Otherwise it looks again
-  `vacate_recheck` later, until the sensor speaks or goes offline.
+  runs on without a slot (`session.moved` to null), the slot is available again; it is then seated in a free slot
+  whose sensor is offline, if any (`unseen`: its car is in no watched slot), or in the next one that appears
+  (`_went_dark`). That guess stays a candidate for a car found without a session (`unseen_at`). Otherwise it
+  looks again `vacate_recheck` later, until the sensor speaks or goes offline.
 - **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`), or for half of it when
   a session ends while the sensor still says occupied (its car has left without a word from it). The ingress fires it
   from memory, exactly; a `sensor.offline` deadline in the store, kept at most `offline_pad` past the memory's,
@@ -152,6 +153,10 @@ def _sensor_change(txn: Txn, cmd: SensorChange, arriving: frozenset[str] = froze
             if not _take_back(txn, slot, session, cmd.at):
                 _start_vacancy(txn, session["id"], _timer_at(txn, cmd.at))
     slots.refresh(txn, slot_id, f"sensor.{cmd.state}", sensor_moved=True)
+    if cmd.state == "offline" and session is None:
+        (status,) = txn.conn.execute("SELECT status FROM slots WHERE id = ?", (slot_id,)).fetchone()
+        if status == "available":
+            _went_dark(txn, slot)
     return slot_id
 
 
@@ -171,7 +176,9 @@ def _occupied(
     if session is not None:
         timers.cancel(txn, VACATE, session["id"])
         if session["seated_at"] is None:
-            txn.conn.execute("UPDATE sessions SET seated_at = ? WHERE id = ?", (txn.now, session["id"]))
+            txn.conn.execute(
+                "UPDATE sessions SET seated_at = ?, unseen_at = NULL WHERE id = ?", (txn.now, session["id"])
+            )
         return
     # The session re-seated away from here, if this could be its car arriving (on its way for less than
     # drive_time): the pick was wrong. A car found here later is someone else's.
@@ -203,7 +210,7 @@ def _reseat(
     """Seat the session on the car in `slot`, its `from_slot` freed; `remember`: its car may still be driving to
     `from_slot` (`_set_reseated_from`). The caller refreshes `slot`."""
     txn.conn.execute(
-        "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL WHERE id = ?",
+        "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL, unseen_at = NULL WHERE id = ?",
         (slot["id"], slot["zone"], txn.now, session_id),
     )
     timers.cancel(txn, VACATE, session_id)
@@ -248,7 +255,7 @@ def _pick(
         "SELECT s.id, s.slot, s.zone, s.confirmed_timer, t.sensor FROM sessions s INDEXED BY sessions_unseated"
         " LEFT JOIN slots t ON t.id = s.slot"
         " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.confirmed_timer <= ?"
-        " AND (s.slot IS NULL OR s.confirmed_timer >= ?)"
+        " AND (s.slot IS NULL OR s.unseen_at IS NOT NULL OR s.confirmed_timer >= ?)"
         # Plausible first: on its way for less than drive_time. Then same zone; then one whose own slot's sensor
         # would have seen it arrive; then the oldest.
         " ORDER BY s.slot IS NULL OR s.confirmed_timer < ?, s.zone IS NOT ?, t.sensor_state IS NOT 'vacant',"
@@ -347,7 +354,7 @@ def _return(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float, arriving
     stretched past the debounce), the session is taken back there."""
     session_id, was = row["id"], row["slot"]
     txn.conn.execute(
-        "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL WHERE id = ?",
+        "UPDATE sessions SET slot = ?, zone = ?, seated_at = ?, vacant_since = NULL, unseen_at = NULL WHERE id = ?",
         (slot["id"], slot["zone"], txn.now, session_id),
     )
     timers.cancel(txn, VACATE, session_id)
@@ -382,7 +389,7 @@ def _send_back(txn: Txn, session_id: str, from_slot: str, target: sqlite3.Row) -
     """A re-seat undone (`reverted`): the session goes back to `target`, the slot it was re-seated away from, on
     its way again (seated if a car is there, a fresh vacate grace if it is vacant)."""
     txn.conn.execute(
-        "UPDATE sessions SET slot = ?, zone = ?, seated_at = NULL, vacant_since = NULL WHERE id = ?",
+        "UPDATE sessions SET slot = ?, zone = ?, seated_at = NULL, vacant_since = NULL, unseen_at = NULL WHERE id = ?",
         (target["id"], target["zone"], session_id),
     )
     _set_reseated_from(txn, session_id, None)
@@ -439,6 +446,8 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
     if slot_id is None:
         return
     slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
+    if slot is not None and slot["sensor_state"] == "offline" and slot["status"] == "available":
+        _went_dark(txn, slot)
     if slot is None or slot["sensor_state"] != "occupied":
         return
     if not _heard_lately(txn, slot):
@@ -474,28 +483,49 @@ def _vacate(txn: Txn, session_id: str) -> None:
         " without a slot",
     )
     txn.conn.execute(
-        "UPDATE sessions SET slot = NULL, seated_at = NULL, vacant_since = NULL WHERE id = ?", (session_id,)
+        "UPDATE sessions SET slot = NULL, seated_at = NULL, vacant_since = NULL, unseen_at = NULL WHERE id = ?",
+        (session_id,),
     )
     txn.emit(SessionMoved(session_id=session_id, from_slot=slot_id, to_slot=None, reason="vacated"))
     slots.refresh(txn, slot_id, "session.moved")
-    if row["seated_at"] is None:
-        _park_unseen(txn, session_id, row["lot"], row["zone"])
+    _park_unseen(txn, session_id, row["lot"], row["zone"])
 
 
 def _park_unseen(txn: Txn, session_id: str, lot: str, zone: str) -> None:
-    """A session whose car no sensor ever saw, after its vacate grace: the car is in the lot (no exit) but in no
-    slot a sensor watches, so most likely in a free one whose sensor is offline. It is seated there (`unseen`),
-    so the lot's counts hold the car; same zone first. None free: it runs on without a slot."""
+    """A session whose slot has seen no car of it for its vacate grace (never, or not since it left): the car is in
+    the lot (no exit) but in no slot a sensor watches (there it would have been matched to this session), so most
+    likely in a free one whose sensor is offline. It is seated there (`unseen`), so the lot's counts hold the car;
+    same zone first. None free: it runs on without a slot."""
     row = txn.conn.execute(
         "SELECT id, zone FROM slots WHERE lot = ? AND status = 'available' AND sensor_state = 'offline'"
         " ORDER BY zone IS NOT ?, fill_order LIMIT 1",
         (lot, zone),
     ).fetchone()
-    if row is None:
-        return
-    txn.conn.execute("UPDATE sessions SET slot = ?, zone = ? WHERE id = ?", (row["id"], row["zone"], session_id))
-    txn.emit(SessionMoved(session_id=session_id, from_slot=None, to_slot=row["id"], reason="unseen"))
-    slots.refresh(txn, row["id"], "session.moved")
+    if row is not None:
+        _seat_unseen(txn, session_id, row["id"], row["zone"])
+
+
+def _seat_unseen(txn: Txn, session_id: str, slot_id: str, zone: str) -> None:
+    """A guess (`unseen_at`): a car later found without a session is taken for this one's before an alert."""
+    txn.conn.execute(
+        "UPDATE sessions SET slot = ?, zone = ?, unseen_at = ? WHERE id = ?", (slot_id, zone, txn.timer_now, session_id)
+    )
+    txn.emit(SessionMoved(session_id=session_id, from_slot=None, to_slot=slot_id, reason="unseen"))
+    slots.refresh(txn, slot_id, "session.moved")
+
+
+def _went_dark(txn: Txn, slot: sqlite3.Row) -> None:
+    """A free slot that no sensor watches any more (its sensor has just gone offline, or the session held there
+    has ended): a car may be over it unseen. A session running on without a slot (its car in the lot and in no
+    slot a sensor watches) is seated there, `unseen`, same zone first, then the one confirmed first."""
+    row = txn.conn.execute(
+        "SELECT id FROM sessions INDEXED BY sessions_unseated"
+        " WHERE lot = ? AND state = 'active' AND seated_at IS NULL AND slot IS NULL AND confirmed_timer IS NOT NULL"
+        " ORDER BY zone IS NOT ?, confirmed_timer, id LIMIT 1",
+        (slot["lot"], slot["zone"]),
+    ).fetchone()
+    if row is not None:
+        _seat_unseen(txn, row["id"], slot["id"], slot["zone"])
 
 
 @timers.on_due(RESEATED)

@@ -120,6 +120,11 @@ def _check_deadlines(conn: sqlite3.Connection) -> list[str]:
         " WHERE s.state = 'active' AND s.seated_at IS NULL AND t.sensor_state = 'occupied' ORDER BY s.id"
     ):
         out.append(f"session {sid}: slot {slot} reports its car, but the session is not seated")
+    for (sid,) in conn.execute(
+        "SELECT id FROM sessions WHERE state = 'active' AND unseen_at IS NOT NULL"
+        " AND (slot IS NULL OR seated_at IS NOT NULL) ORDER BY id"
+    ):
+        out.append(f"session {sid}: placed unseen, but it has no slot or has been seen since")
     return out
 
 
