@@ -809,6 +809,41 @@ async def test_a_free_slot_going_offline_takes_a_session_running_on_without_one(
     check_store(cfg)
 
 
+async def test_an_unseen_guess_in_another_zone_moves_home_when_a_dark_slot_there_is_free(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+
+        async def heartbeats(minutes: int, every: int = 60) -> None:
+            for _ in range(minutes * 60 // every):
+                await s.advance(every, step=every)
+                for slot in ("A-002", "A-003", "A-004"):
+                    await s.sensor(slot, False)
+
+        await s.sensor("A-001", False)  # both die now: A-001 (offline after 900 s) and T-001 (after 3600 s)
+        await s.sensor("T-001", False)
+        await heartbeats(61, every=300)
+        await s.published(lambda: s.slot("T-001")["sensor"] == "offline" and s.slot("A-001")["sensor"] == "offline")
+        # AAA111's car parks over T-001, unseen; after its grace it is taken to be in A-001 (its own zone first).
+        first = await s.enter("AAA111")
+        await heartbeats(11)
+        await s.published(lambda: s.slot("A-001")["session"] == first["session_id"])
+        # BBB222's car parks over A-001, unseen; the only dark slot left free is T-001, in the other zone.
+        second = await s.enter("BBB222")
+        assert first["slot"] == second["slot"] == "A-002"
+        await heartbeats(11)
+        await s.published(lambda: s.slot("T-001")["session"] == second["session_id"])
+        # AAA111 leaves (from T-001): A-001 is free and dark, and BBB222, of zone A, moves home there.
+        await s.exit("AAA111")
+        await s.published(lambda: s.slot("A-001")["session"] == second["session_id"])
+        assert s.moved()[-1] == ("T-001", "A-001", "unseen")
+        await s.published(lambda: s.slot("T-001")["status"] == "available")
+        zones = s.availability()["zones"]
+        assert (zones["A"]["occupied"], zones["B"]["occupied"]) == (1, 0)
+    check_store(cfg)
+
+
 async def test_sensor_offline_alerts_and_its_slot_is_allocated_last(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:

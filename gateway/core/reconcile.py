@@ -31,7 +31,8 @@ step changes no outcome.
   before it is known offline): `alert` `session.vacated`, the session
   runs on without a slot (`session.moved` to null), the slot is available again; it is then seated in a free slot
   whose sensor is offline, if any (`unseen`: its car is in no watched slot), or in the next one that appears
-  (`_went_dark`). That guess stays a candidate for a car found without a session (`unseen_at`). Otherwise it
+  (`_went_dark`; a guess in another zone moves to one of its own zone there). That guess stays a candidate for a
+  car found without a session (`unseen_at`). Otherwise it
   looks again `vacate_recheck` later, until the sensor speaks or goes offline.
 - **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`), or for half of it when
   a session ends while the sensor still says occupied (its car has left without a word from it). The ingress fires it
@@ -154,9 +155,7 @@ def _sensor_change(txn: Txn, cmd: SensorChange, arriving: frozenset[str] = froze
                 _start_vacancy(txn, session["id"], _timer_at(txn, cmd.at))
     slots.refresh(txn, slot_id, f"sensor.{cmd.state}", sensor_moved=True)
     if cmd.state == "offline" and session is None:
-        (status,) = txn.conn.execute("SELECT status FROM slots WHERE id = ?", (slot_id,)).fetchone()
-        if status == "available":
-            _went_dark(txn, slot)
+        _went_dark(txn, slot)
     return slot_id
 
 
@@ -446,7 +445,7 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
     if slot_id is None:
         return
     slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
-    if slot is not None and slot["sensor_state"] == "offline" and slot["status"] == "available":
+    if slot is not None and slot["sensor_state"] == "offline":
         _went_dark(txn, slot)
     if slot is None or slot["sensor_state"] != "occupied":
         return
@@ -463,7 +462,7 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
 @timers.on_due(VACATE)
 def _vacate(txn: Txn, session_id: str) -> None:
     row = txn.conn.execute(
-        "SELECT s.slot, s.vacant_since, s.seated_at, t.lot, t.zone, t.sensor_state, t.seen_timer, t.offline_after"
+        "SELECT s.slot, s.zone, s.vacant_since, s.seated_at, t.lot, t.sensor_state, t.seen_timer, t.offline_after"
         " FROM sessions s JOIN slots t ON t.id = s.slot WHERE s.id = ? AND s.state = 'active'",
         (session_id,),
     ).fetchone()
@@ -497,35 +496,48 @@ def _park_unseen(txn: Txn, session_id: str, lot: str, zone: str) -> None:
     likely in a free one whose sensor is offline. It is seated there (`unseen`), so the lot's counts hold the car;
     same zone first. None free: it runs on without a slot."""
     row = txn.conn.execute(
-        "SELECT id, zone FROM slots WHERE lot = ? AND status = 'available' AND sensor_state = 'offline'"
+        "SELECT * FROM slots WHERE lot = ? AND status = 'available' AND sensor_state = 'offline'"
         " ORDER BY zone IS NOT ?, fill_order LIMIT 1",
         (lot, zone),
     ).fetchone()
     if row is not None:
-        _seat_unseen(txn, session_id, row["id"], row["zone"])
+        _seat_unseen(txn, session_id, row)
 
 
-def _seat_unseen(txn: Txn, session_id: str, slot_id: str, zone: str) -> None:
-    """A guess (`unseen_at`): a car later found without a session is taken for this one's before an alert."""
+def _seat_unseen(txn: Txn, session_id: str, slot: sqlite3.Row) -> None:
+    """A guess (`unseen_at`): a car later found without a session is taken for this one's before an alert. The
+    session keeps its zone (where its car was last known to be headed), so the guess can move to a slot of that
+    zone once one is free (`_went_dark`)."""
+    (was,) = txn.conn.execute("SELECT slot FROM sessions WHERE id = ?", (session_id,)).fetchone()
     txn.conn.execute(
-        "UPDATE sessions SET slot = ?, zone = ?, unseen_at = ? WHERE id = ?", (slot_id, zone, txn.timer_now, session_id)
+        "UPDATE sessions SET slot = ?, unseen_at = ? WHERE id = ?", (slot["id"], txn.timer_now, session_id)
     )
-    txn.emit(SessionMoved(session_id=session_id, from_slot=None, to_slot=slot_id, reason="unseen"))
-    slots.refresh(txn, slot_id, "session.moved")
+    txn.emit(SessionMoved(session_id=session_id, from_slot=was, to_slot=slot["id"], reason="unseen"))
+    slots.refresh(txn, slot["id"], "session.moved")
+    if was is not None:
+        slots.refresh(txn, was, "session.moved")
+        _went_dark(txn, txn.conn.execute("SELECT * FROM slots WHERE id = ?", (was,)).fetchone())
 
 
 def _went_dark(txn: Txn, slot: sqlite3.Row) -> None:
     """A free slot that no sensor watches any more (its sensor has just gone offline, or the session held there
-    has ended): a car may be over it unseen. A session running on without a slot (its car in the lot and in no
-    slot a sensor watches) is seated there, `unseen`, same zone first, then the one confirmed first."""
+    has ended): a car may be over it unseen. Seated there, `unseen`: a session of its zone running on without a
+    slot (its car is in the lot and in no slot a sensor watches), else one of its zone placed unseen in another
+    zone (no slot of its own zone was free then), else one of another zone without a slot; the one confirmed
+    first. Each move puts a session in its own zone, so the chain it may start (the slot left behind) ends."""
+    slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot["id"],)).fetchone()
+    if slot["sensor_state"] != "offline" or slot["status"] != "available":
+        return
     row = txn.conn.execute(
-        "SELECT id FROM sessions INDEXED BY sessions_unseated"
-        " WHERE lot = ? AND state = 'active' AND seated_at IS NULL AND slot IS NULL AND confirmed_timer IS NOT NULL"
-        " ORDER BY zone IS NOT ?, confirmed_timer, id LIMIT 1",
+        "SELECT s.id FROM sessions s INDEXED BY sessions_unseated LEFT JOIN slots t ON t.id = s.slot"
+        " WHERE s.lot = ?1 AND s.state = 'active' AND s.seated_at IS NULL AND s.confirmed_timer IS NOT NULL"
+        " AND (s.slot IS NULL OR (s.unseen_at IS NOT NULL AND s.zone = ?2 AND t.zone IS NOT ?2"
+        " AND t.sensor_state = 'offline'))"
+        " ORDER BY s.zone IS NOT ?2, s.slot IS NOT NULL, s.confirmed_timer, s.id LIMIT 1",
         (slot["lot"], slot["zone"]),
     ).fetchone()
     if row is not None:
-        _seat_unseen(txn, row["id"], slot["id"], slot["zone"])
+        _seat_unseen(txn, row["id"], slot)
 
 
 @timers.on_due(RESEATED)
