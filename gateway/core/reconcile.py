@@ -28,12 +28,11 @@ step changes no outcome.
   a `session.vacate` deadline `vacate_grace` later. When it comes, and the sensor has been heard since the
   vacancy began and within half its `offline_after` (its last word alone is no evidence for the whole grace: a
   sensor that died reporting vacant, or died before the car came, must not release the car parked over it
-  before it is known offline): `alert` `session.vacated`, the session
-  runs on without a slot (`session.moved` to null), the slot is available again; it is then seated in a free slot
-  whose sensor is offline, if any (`unseen`: its car is in no watched slot), or in the next one that appears
-  (`_went_dark`; a guess in another zone moves to one of its own zone there). That guess stays a candidate for a
-  car found without a session (`unseen_at`). Otherwise it
-  looks again `vacate_recheck` later, until the sensor speaks or goes offline.
+  before it is known offline): `alert` `session.vacated`, the session runs on without a slot (`session.moved` to
+  null), the slot is available again; it is then seated in a free slot whose sensor is offline, if any (`unseen`:
+  its car is in no watched slot), or in the next one that appears (`_went_dark`; a guess in another zone moves to
+  one of its own zone there). That guess stays a candidate for a car found without a session (`unseen_at`).
+  Otherwise it looks again `vacate_recheck` later, until the sensor speaks or goes offline.
 - **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`), or for half of it when
   a session ends while the sensor still says occupied (its car has left without a word from it). The ingress fires it
   from memory, exactly; a `sensor.offline` deadline in the store, kept at most `offline_pad` past the memory's,

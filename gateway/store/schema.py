@@ -216,7 +216,7 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE state = 'active' AND reseated_from IS NOT NULL;
     UPDATE slots SET alloc_rank = 2 * (alloc_rank % 4) + 8 * (alloc_rank / 4);
     """,
-    # 8: unseen_at: when a session whose car no sensor saw was put in a free slot whose sensor is offline
+    # 8: unseen_at: when a session whose car no watched slot holds was put in a free slot whose sensor is offline
     # (Timeline; NULL: it was not, or it has been seated or moved since). A guess: such a session stays a candidate
     # for a car found without a session (gateway/core/reconcile.py).
     """
