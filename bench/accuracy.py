@@ -1,7 +1,7 @@
 """Availability accuracy: a simulated day of a 500-slot lot against the simulator's ground truth.
 
 Run: `.venv/bin/python -m bench.accuracy` (a whole day; see bench/README.md, section Accuracy), `--hours 1` for a
-smoke check.
+smoke check, `--seeds 1-6` for six days (two at a time) and a table of them.
 
 The gateway runs in this process on a ManualClock, with its real services, a real store on disk and a real
 Mosquitto subprocess; the simulator speaks the wire (JSON sensors, TTS uplinks, camera reads) and reads what the
@@ -31,6 +31,7 @@ import platform
 import random
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -657,12 +658,69 @@ async def simulate(opts: Options, root: Path) -> dict[str, Any]:
     }
 
 
+def seed_list(spec: str) -> list[int]:
+    """ "1-6" or "1,3,5" (or both: "1-3,7")."""
+    out: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        out += range(int(first), int(last or first) + 1)
+    return out
+
+
+def several(args: argparse.Namespace, argv: list[str]) -> None:
+    """One process per seed, `--jobs` at a time (each day is single-threaded), then one line per seed."""
+    passed: list[str] = []
+    skip = False
+    for arg in argv:  # the same options for each run, less the ones that choose the runs and where results go
+        if skip:
+            skip = False
+        elif arg in ("--seeds", "--jobs", "--json", "--seed"):
+            skip = True
+        elif not arg.startswith(("--seeds=", "--jobs=", "--json=", "--seed=")):
+            passed.append(arg)
+    seeds = seed_list(args.seeds)
+    results: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="pg-accuracy-seeds-") as tmp:
+        waiting = list(seeds)
+        running: dict[int, subprocess.Popen[bytes]] = {}
+        while waiting or running:
+            while waiting and len(running) < max(1, args.jobs):
+                seed = waiting.pop(0)
+                out = Path(tmp) / f"{seed}.json"
+                cmd = [sys.executable, "-m", "bench.accuracy", *passed, "--seed", str(seed), "--json", str(out)]
+                running[seed] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+            time.sleep(0.2)
+            for seed, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[seed]
+                    if proc.returncode != 0:
+                        raise SystemExit(f"seed {seed}: exit {proc.returncode}")
+                    results[seed] = json.loads((Path(tmp) / f"{seed}.json").read_text())
+                    print(f"  seed {seed} done", file=sys.stderr, flush=True)
+    print("| seed | samples exact | lot counts exact | convergence p50 / p99 | max | changes over 7 s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for seed in seeds:
+        r = results[seed]
+        print(
+            f"| {seed} | {r['exact']:.2%} | {r['exact_lot_counts']:.2%} | {r['converge_p50_s']:g} / "
+            f"{r['converge_p99_s']:g} s | {r['converge_max_s']:g} s | {r['over_7s']} of {r['changes']} |"
+        )
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--slots", type=int, default=500)
     parser.add_argument("--step", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--seeds",
+        help="several days, e.g. 1-6 or 1,3: each seed's run in its own process (--jobs at a time), then a table of"
+        " them (the JSON holds each run's result)",
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="with --seeds: runs at a time")
     parser.add_argument("--json", dest="json_path")
     parser.add_argument(
         "--debug",
@@ -683,6 +741,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duplicate", type=float, default=0.02)
     parser.add_argument("--reorder", type=float, default=0.02)
     args = parser.parse_args(argv)
+    if args.seeds:
+        several(args, sys.argv[1:] if argv is None else argv)
+        return
     opts = Options(
         hours=args.hours,
         slots=args.slots,

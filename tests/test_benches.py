@@ -4,6 +4,7 @@ statements). No time is asserted."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -47,3 +48,14 @@ async def test_allocation_bench_raw_baseline_runs_the_writers_statements(tmp_pat
     # A change to what the writer executes for an entry or an exit must reach the raw baseline, or writer/raw
     # stops meaning "our layer around the same SQL" (and the bench refuses to run).
     assert await check_same_sql(tmp_path) > 30
+
+
+def test_accuracy_bench_several_seeds(tmp_path: Path) -> None:
+    out = run_bench(
+        "bench.accuracy", "--hours", "0.1", "--slots", "50", "--seeds", "1-2", "--json", str(tmp_path / "a.json")
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2
+    results = json.loads((tmp_path / "a.json").read_text())
+    assert sorted(results) == ["1", "2"]
+    assert all(r["samples"] == 360 and r["messages_sent"] > 0 for r in results.values())
