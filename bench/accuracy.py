@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import random
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -659,7 +660,7 @@ async def simulate(opts: Options, root: Path) -> dict[str, Any]:
 
 
 def seed_list(spec: str) -> list[int]:
-    """ "1-6" or "1,3,5" (or both: "1-3,7")."""
+    """Seeds from "1-6", "1,3,5" or both ("1-3,7")."""
     out: list[int] = []
     for part in spec.split(","):
         first, _, last = part.partition("-")
@@ -683,20 +684,30 @@ def several(args: argparse.Namespace, argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="pg-accuracy-seeds-") as tmp:
         waiting = list(seeds)
         running: dict[int, subprocess.Popen[bytes]] = {}
-        while waiting or running:
-            while waiting and len(running) < max(1, args.jobs):
-                seed = waiting.pop(0)
-                out = Path(tmp) / f"{seed}.json"
-                cmd = [sys.executable, "-m", "bench.accuracy", *passed, "--seed", str(seed), "--json", str(out)]
-                running[seed] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-            time.sleep(0.2)
-            for seed, proc in list(running.items()):
-                if proc.poll() is not None:
-                    del running[seed]
-                    if proc.returncode != 0:
-                        raise SystemExit(f"seed {seed}: exit {proc.returncode}")
-                    results[seed] = json.loads((Path(tmp) / f"{seed}.json").read_text())
-                    print(f"  seed {seed} done", file=sys.stderr, flush=True)
+        try:
+            while waiting or running:
+                while waiting and len(running) < max(1, args.jobs):
+                    seed = waiting.pop(0)
+                    out = Path(tmp) / f"{seed}.json"
+                    cmd = [sys.executable, "-m", "bench.accuracy", *passed, "--seed", str(seed), "--json", str(out)]
+                    running[seed] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+                time.sleep(0.2)
+                for seed, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        del running[seed]
+                        if proc.returncode != 0:
+                            raise SystemExit(f"seed {seed}: exit {proc.returncode}")
+                        results[seed] = json.loads((Path(tmp) / f"{seed}.json").read_text())
+                        print(f"  seed {seed} done", file=sys.stderr, flush=True)
+        finally:  # a failed seed, ^C or SIGTERM: the other days stop too, each taking its own broker down
+            for proc in running.values():
+                proc.terminate()
+            for proc in running.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     print("| seed | samples exact | lot counts exact | convergence p50 / p99 | max | changes over 7 s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for seed in seeds:
@@ -741,6 +752,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duplicate", type=float, default=0.02)
     parser.add_argument("--reorder", type=float, default=0.02)
     args = parser.parse_args(argv)
+    # SIGTERM as ^C, so the finally blocks that stop the broker run (a background job's SIGINT may be ignored).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.seeds:
         several(args, sys.argv[1:] if argv is None else argv)
         return
