@@ -685,18 +685,23 @@ async def test_a_sensor_that_died_before_the_car_came_does_not_release_it(
     check_store(cfg)
 
 
+async def a001_dies(s: Site) -> None:
+    """A-001's sensor reports once and falls silent; A-002's heartbeats on until A-001 is offline (900 s)."""
+    await s.sensor("A-001", False)
+    await s.sensor("A-002", False)
+    await s.advance(5)
+    for _ in range(16):
+        await s.advance(60)
+        await s.sensor("A-002", False)
+    await s.published(lambda: s.slot("A-001")["sensor"] == "offline")
+
+
 async def test_a_session_never_seen_is_seated_where_no_sensor_sees_after_its_grace(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        await s.sensor("A-001", False)  # it dies now
-        await s.sensor("A-002", False)
-        await s.advance(5)
-        for _ in range(16):
-            await s.advance(60)
-            await s.sensor("A-002", False)
-        await s.published(lambda: s.slot("A-001")["sensor"] == "offline")
+        await a001_dies(s)
         started = await s.enter("AAA111")
         assert started["slot"] == "A-002"
         # Its car parks over the dead sensor in A-001: A-002's live sensor never sees it.
@@ -720,13 +725,7 @@ async def test_a_car_that_left_its_slot_without_an_exit_is_seated_where_no_senso
 ) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        await s.sensor("A-001", False)  # it dies now
-        await s.sensor("A-002", False)
-        await s.advance(5)
-        for _ in range(16):
-            await s.advance(60)
-            await s.sensor("A-002", False)
-        await s.published(lambda: s.slot("A-001")["sensor"] == "offline")
+        await a001_dies(s)
         started = await s.park("AAA111")
         assert started["slot"] == "A-002"
         await s.advance(60)

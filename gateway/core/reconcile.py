@@ -154,7 +154,7 @@ def _sensor_change(txn: Txn, cmd: SensorChange, arriving: frozenset[str] = froze
                 _start_vacancy(txn, session["id"], _timer_at(txn, cmd.at))
     slots.refresh(txn, slot_id, f"sensor.{cmd.state}", sensor_moved=True)
     if cmd.state == "offline" and session is None:
-        _went_dark(txn, slot)
+        _went_dark(txn, slot_id)
     return slot_id
 
 
@@ -445,7 +445,7 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
         return
     slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
     if slot is not None and slot["sensor_state"] == "offline":
-        _went_dark(txn, slot)
+        _went_dark(txn, slot_id)
     if slot is None or slot["sensor_state"] != "occupied":
         return
     if not _heard_lately(txn, slot):
@@ -515,16 +515,16 @@ def _seat_unseen(txn: Txn, session_id: str, slot: sqlite3.Row) -> None:
     slots.refresh(txn, slot["id"], "session.moved")
     if was is not None:
         slots.refresh(txn, was, "session.moved")
-        _went_dark(txn, txn.conn.execute("SELECT * FROM slots WHERE id = ?", (was,)).fetchone())
+        _went_dark(txn, was)
 
 
-def _went_dark(txn: Txn, slot: sqlite3.Row) -> None:
+def _went_dark(txn: Txn, slot_id: str) -> None:
     """A free slot that no sensor watches any more (its sensor has just gone offline, or the session held there
     has ended): a car may be over it unseen. Seated there, `unseen`: a session of its zone running on without a
     slot (its car is in the lot and in no slot a sensor watches), else one of its zone placed unseen in another
     zone (no slot of its own zone was free then), else one of another zone without a slot; the one confirmed
     first. Each move puts a session in its own zone, so the chain it may start (the slot left behind) ends."""
-    slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot["id"],)).fetchone()
+    slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
     if slot["sensor_state"] != "offline" or slot["status"] != "available":
         return
     row = txn.conn.execute(
