@@ -297,6 +297,8 @@ class Day:
     def _entered(self, plate: str, slot: str) -> None:
         """The gateway assigned a slot (session.started): the car holds it and drives there."""
         car = self.cars[plate]
+        if self.physical[slot] is not None:
+            self.counts["assigned_taken"] += 1  # a car stood there already (its report not yet in, or too late)
         car.assigned = slot
         car.entered = self.now
         self.owner[slot] = car

@@ -137,8 +137,9 @@ class Site:
         return started
 
     async def park(self, plate: str) -> dict[str, Any]:
-        """An entry whose car parks in its slot (its sensor reports it; the debounce still to run)."""
+        """An entry whose car parks in its slot 3 s later (its sensor reports it; the debounce still to run)."""
         started = await self.enter(plate)
+        await self.advance(3, step=3)
         await self.sensor(started["slot"], True)
         return started
 
@@ -291,6 +292,7 @@ async def test_a_car_in_the_slot_its_session_was_reseated_from_takes_it_back(
         aaa = await s.enter("AAA111")  # A-001
         await s.advance(60)
         bbb = await s.enter("BBB222")  # A-002
+        await s.advance(30)
         await s.sensor("A-003", True)  # BBB222's car, but AAA111 is the oldest on its way
         await s.advance(5)
         await s.published(lambda: s.moved())
@@ -314,6 +316,7 @@ async def test_a_car_in_the_slot_its_session_was_reseated_from_takes_it_back(
         await s.advance(5)
         eee = await s.enter("EEE555")
         assert eee["slot"] == "B-001"  # A-002 comes last while BBB222's car might still be driving there
+        await s.advance(30)
         await s.sensor("B-002", True)
         await s.advance(5)
         await s.published(lambda: len(s.moved()) == 4)
@@ -321,6 +324,7 @@ async def test_a_car_in_the_slot_its_session_was_reseated_from_takes_it_back(
         await s.advance(30)
         ddd = await s.enter("DDD444")
         assert ddd["slot"] == "T-001"
+        await s.advance(30)
         await s.sensor("B-001", True)
         await s.advance(5)
         await s.published(lambda: len(s.moved()) == 5)
@@ -452,6 +456,37 @@ async def test_a_slot_whose_sensor_is_debouncing_a_car_is_not_allocated(
     check_store(cfg)
 
 
+async def test_a_car_seen_in_a_slot_as_its_session_passes_the_gate_is_someone_elses(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        aaa = await s.enter("AAA111")  # A-001
+        await s.advance(60)
+        # AAA111's car parks in A-002 the moment BBB222 is at the gate, and the camera read is handled first (a
+        # decision goes ahead of sensor traffic): BBB222 gets A-002, and then the report of a car there comes.
+        bbb = await s.enter("BBB222")
+        assert bbb["slot"] == "A-002"
+        await s.sensor("A-002", True)
+        await s.advance(5)
+        # That car cannot be BBB222's, still at the gate: it is AAA111's; BBB222 runs on without a slot.
+        await s.published(lambda: len(s.moved()) == 2)
+        assert sorted(s.moved(), key=str) == [("A-001", "A-002", "reseated"), ("A-002", None, "taken")]
+        by_session = {e["session_id"]: e["to_slot"] for e in s.obs.events("session.moved")}
+        assert by_session == {aaa["session_id"]: "A-002", bbb["session_id"]: None}
+        await s.published(lambda: s.slot("A-002")["session"] == aaa["session_id"])
+        await s.published(lambda: s.slot("A-001")["status"] == "available")
+        # BBB222's car finds its slot taken and parks elsewhere: there it is BBB222's, though it has no slot.
+        await s.advance(40)
+        await s.sensor("B-001", True)
+        await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 3)
+        assert s.moved()[2] == (None, "B-001", "reseated")
+        assert s.obs.events("session.moved")[2]["session_id"] == bbb["session_id"]
+        assert s.alerts("slot.unregistered_occupancy") == []
+    check_store(cfg)
+
+
 async def test_a_reseat_whose_car_is_gone_at_once_is_taken_back(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
@@ -478,6 +513,7 @@ async def test_a_reseat_whose_car_is_gone_at_once_is_taken_back(tmp_path: Path, 
         # A car that stood longer is not taken back when it leaves: BBB222's session stays where its car was.
         bbb = await s.enter("BBB222")
         assert bbb["slot"] == "A-003"  # a healthy vacant sensor first
+        await s.advance(30)
         await s.sensor("A-004", True)
         await s.advance(60)
         await s.sensor("A-004", False)
@@ -612,6 +648,7 @@ async def test_vacate_grace_releases_the_slot_and_the_session_runs_on(
         await s.advance(5)
         started = await s.enter("AAA111")
         assert started["slot"] == "A-001"
+        await s.advance(3, step=3)
         await s.sensor("A-001", True)
         await s.advance(5)
         await hold(3600, True)

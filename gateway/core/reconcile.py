@@ -5,13 +5,15 @@ decision and its events commit together. Durations are on the writer's Timeline 
 step changes no outcome.
 
 - **Occupied** on a slot with a session: the car is in its slot (`seated_at`); a vacate countdown is cancelled.
+  Unless the session is unseated and passed the gate less than `GATE_TO_SLOT` before the car was first seen (or has
+  not yet): that car is someone else's, and the session runs on without a slot (`taken`), the slot then as free.
   On a free slot (no active session, blocked or not): the slot leaves availability, and the nearest unseated
-  session of the lot is re-seated there (`session.moved`, its old slot freed) — one confirmed before the car was
-  first seen and less than `arrival_window` ago, or one roaming without a slot or placed `unseen`; those on their
-  way for less than `drive_time` first (of several zones, the likeliest zone: `_likeliest`), then same zone, then
-  one whose slot's sensor would have seen it arrive, then the oldest; last of all one whose own slot's sensor is
-  debouncing a car (the ingress's `SensorChanges.arriving`, or a later change of the same batch): its car has most
-  likely just parked there.
+  session of the lot is re-seated there (`session.moved`, its old slot freed) — one confirmed `GATE_TO_SLOT` or
+  more before the car was first seen and less than `arrival_window` ago, or one roaming without a slot or placed
+  `unseen`; those on their way for less than `drive_time` (with a slot or without) first (of several zones, the
+  likeliest zone: `_likeliest`), then same zone, then one whose slot's sensor would have seen it arrive, then the
+  oldest; last of all one whose own slot's sensor is debouncing a car (the ingress's `SensorChanges.arriving`, or a
+  later change of the same batch): its car has most likely just parked there.
   Without one: `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a
   car, where a seated session whose own slot reports vacant and that was confirmed within `drive_time` of the
   ended one comes first: the nearest-candidate rule can seat two cars' sessions crosswise (both on their way at
@@ -67,6 +69,9 @@ BATTERY_HYSTERESIS = 0.1
 LIVE_STATES = ("vacant", "occupied")
 # Of drivers parking elsewhere than assigned, the share that stays in the assigned zone when it has room.
 SAME_ZONE_SHARE = 0.7
+# No car parks within this long of passing the gate: a car first seen in a session's slot sooner (or before the
+# session passed at all) is someone else's; its report came in behind the camera read, which went first.
+GATE_TO_SLOT = 2.0
 
 
 def offline_pad(flush: float) -> float:
@@ -171,13 +176,15 @@ def _occupied(
     `swap`: the slot's session has just ended and had been confirmed then (Timeline; None: never); `arriving`:
     sensors known to see a car that the store does not have yet (`SensorChanges.arriving`)."""
     slot_id: str = slot["id"]
-    if session is not None:
+    if session is not None and (session["seated_at"] is not None or not _too_soon(txn, session, seen)):
         timers.cancel(txn, VACATE, session["id"])
         if session["seated_at"] is None:
             txn.conn.execute(
                 "UPDATE sessions SET seated_at = ?, unseen_at = NULL WHERE id = ?", (txn.now, session["id"])
             )
         return
+    if session is not None:
+        _taken(txn, session["id"], slot_id)
     # The session re-seated away from here, if this could be its car arriving (on its way for less than
     # drive_time): the pick was wrong. A car found here later is someone else's.
     returning = txn.conn.execute(
@@ -200,6 +207,23 @@ def _occupied(
     _reseat(txn, candidate["id"], slot, candidate["slot"], seen, remember=not crossed)
     if recheck is not None:
         timers.schedule(txn, RECHECK, candidate["id"], recheck)
+
+
+def _too_soon(txn: Txn, session: sqlite3.Row, seen: float) -> bool:
+    """Whether a car first seen at `seen` is too early to be the session's: it had not passed the gate
+    `GATE_TO_SLOT` before (a car parking as another passes the gate, whose read went ahead of the sensor's)."""
+    confirmed = session["confirmed_timer"]
+    return confirmed is None or confirmed > seen - GATE_TO_SLOT
+
+
+def _taken(txn: Txn, session_id: str, slot_id: str) -> None:
+    """The session's slot was taken by another car before its own could get there: it runs on without a slot,
+    its car to be matched wherever it parks (`_pick`)."""
+    timers.cancel(txn, VACATE, session_id)
+    txn.conn.execute(
+        "UPDATE sessions SET slot = NULL, vacant_since = NULL, unseen_at = NULL WHERE id = ?", (session_id,)
+    )
+    txn.emit(SessionMoved(session_id=session_id, from_slot=slot_id, to_slot=None, reason="taken"))
 
 
 def _reseat(
@@ -254,20 +278,22 @@ def _pick(
         " LEFT JOIN slots t ON t.id = s.slot"
         " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.confirmed_timer <= ?"
         " AND (s.slot IS NULL OR s.unseen_at IS NOT NULL OR s.confirmed_timer >= ?)"
-        # Plausible first: on its way for less than drive_time. Then same zone; then one whose own slot's sensor
-        # would have seen it arrive; then the oldest.
-        " ORDER BY s.slot IS NULL OR s.confirmed_timer < ?, s.zone IS NOT ?, t.sensor_state IS NOT 'vacant',"
+        # Plausible first: on its way for less than drive_time (with a slot or, `_taken`, without). Then same
+        # zone; then one whose own slot's sensor would have seen it arrive; then the oldest.
+        " ORDER BY s.confirmed_timer < ?, s.zone IS NOT ?, t.sensor_state IS NOT 'vacant',"
         " s.confirmed_timer, s.started_at, s.id",
-        (slot["lot"], seen, seen - txn.settings.arrival_window, seen - txn.settings.drive_time, slot["zone"]),
+        (
+            slot["lot"],
+            seen - GATE_TO_SLOT,
+            seen - txn.settings.arrival_window,
+            seen - txn.settings.drive_time,
+            slot["zone"],
+        ),
     ).fetchall()
     if not candidates:
         return None, None
     plausible = [
-        c
-        for c in candidates
-        if c["slot"] is not None
-        and c["confirmed_timer"] >= seen - txn.settings.drive_time
-        and c["sensor"] not in arriving
+        c for c in candidates if c["confirmed_timer"] >= seen - txn.settings.drive_time and c["sensor"] not in arriving
     ]
     if len({c["zone"] for c in plausible}) > 1:
         chosen = _likeliest(txn, slot, seen, plausible)
