@@ -658,6 +658,7 @@ async def simulate(opts: Options, root: Path) -> dict[str, Any]:
         "verdicts": dict(gw.ingress.verdicts),
         "slowest": sorted(day.worst, key=lambda x: -x[1])[:10],
         "diagnosis": dict(day.diag.most_common()),
+        **({"over_7s_at": day.worst} if day.debug else {}),  # (changed at, converged after) for each
     }
 
 
