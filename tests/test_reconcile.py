@@ -25,7 +25,9 @@ from tests.helpers import reader
 TTS_APP = "parking@ttn"
 
 
-def reconcile_config(state_dir: Path, port: int, timing: str = "", zones: str = "") -> GatewayConfig:
+def reconcile_config(
+    state_dir: Path, port: int, timing: str = "", zones: str = "", zone_a: str = '{ ids = "A-001..A-004" }'
+) -> GatewayConfig:
     return parse_config(
         f"""
 [gateway]
@@ -47,7 +49,7 @@ sensor_seen_flush = 60
 id = "lot1"
   [[lots.zones]]
   id = "A"
-  slots = [{{ ids = "A-001..A-004" }}]
+  slots = [{zone_a}]
   [[lots.zones]]
   id = "B"
   slots = [{{ ids = "B-001..B-002" }}, {{ ids = "T-001", offline_after = 3600, battery_low = 3.0 }}]
@@ -412,6 +414,40 @@ async def test_a_car_in_a_third_zone_goes_to_the_likelier_zone_and_is_rechecked(
         await s.advance(5)
         await s.published(lambda: s.slot("B-002")["sensor"] == "occupied")
         assert len(s.moved()) == 3 and s.alerts("slot.unregistered_occupancy") == []
+    check_store(cfg)
+
+
+async def test_no_recheck_swap_when_the_older_sessions_car_may_stand_unseen_in_its_own_zone(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    zone_c = '  [[lots.zones]]\n  id = "C"\n  slots = [{ ids = "C-001..C-002" }]'
+    zone_a = '{ ids = "A-001", offline_after = 60 }, { ids = "A-002..A-004" }'
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=zone_c, zone_a=zone_a)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        for slot in ("A-001", "A-002", "A-003", "A-004", "B-001", "B-002", "T-001", "C-001", "C-002"):
+            await s.sensor(slot, False)
+        await s.advance(65)
+        await s.published(lambda: s.alerts("sensor.offline"))  # A-001's sensor died: zone A has a dark free slot
+        for plate in ("PPP002", "PPP003"):  # A-002, A-003
+            await s.park(plate)
+        await s.advance(5)
+        aaa = await s.enter("AAA111")  # A-004, the last healthy slot of A
+        await s.advance(60)
+        await s.park("PPP004")  # B-001
+        bbb = await s.enter("BBB222")  # B-002
+        await s.advance(1)
+        ccc = await s.enter("CCC333")  # T-001: B is full
+        assert (aaa["slot"], bbb["slot"], ccc["slot"]) == ("A-004", "B-002", "T-001")
+        await s.advance(30)
+        # As in the test before: a car in C-001 goes to zone B's BBB222.
+        await s.sensor("C-001", True)
+        await s.advance(5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("B-002", "C-001", "reseated")]
+        # AAA111's drive_time ends with its car nowhere seen; but it may well stand over A-001, whose sensor is
+        # dead, which is likelier than a mispark into zone C. No swap.
+        await s.advance(150)
+        assert s.moved() == [("B-002", "C-001", "reseated")]
     check_store(cfg)
 
 

@@ -575,7 +575,8 @@ def _reseated_due(txn: Txn, session_id: str) -> None:
 def _recheck(txn: Txn, session_id: str) -> None:
     """A session re-seated over an older one of another zone, at the end of that one's drive_time: if neither car
     has arrived since (the re-seated one's slot still vacant and free, the older one still on its way), the car is
-    more likely the older one's, whose drive is over, than the re-seated one's, still driving: they swap. The
+    more likely the older one's, whose drive is over, than the re-seated one's, still driving: they swap. Not when
+    a free slot of the older one's zone has no sensor watching it: its car has more likely parked there. The
     older one remembers its own slot as `_occupied` would (a car there soon is its after all, and the car is
     matched again); the re-seated one is on its way again, a fresh vacate grace for its slot."""
     row = txn.conn.execute(
@@ -596,7 +597,11 @@ def _recheck(txn: Txn, session_id: str) -> None:
         "SELECT s.id, s.slot FROM sessions s INDEXED BY sessions_unseated JOIN slots t ON t.id = s.slot"
         " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.zone IS NOT ?"
         " AND s.confirmed_timer < ? AND s.confirmed_timer >= ? AND s.confirmed_timer <= ?"
-        " AND t.sensor_state = 'vacant' ORDER BY s.confirmed_timer, s.id LIMIT 1",
+        " AND t.sensor_state = 'vacant'"
+        # Its car may as well stand unseen in a free slot of its own zone that no sensor watches.
+        " AND NOT EXISTS (SELECT 1 FROM slots d WHERE d.lot = s.lot AND d.zone = s.zone"
+        " AND d.status = 'available' AND d.sensor_state IN ('offline', 'none'))"
+        " ORDER BY s.confirmed_timer, s.id LIMIT 1",
         (
             here["lot"],
             back["zone"],
