@@ -126,16 +126,19 @@ async def test_connection_cut_mid_stream_again_and_again(tmp_path: Path, mosquit
             await r.upstream.link.wait_connected(DEADLINE)
             async with subscriber([("127.0.0.1", mosquitto.port)]) as sub:
                 producer = asyncio.create_task(r.sensor_flips(6000))
-                cuts = 0
+                cuts, last_cut = 0, 0.0
+                loop = asyncio.get_running_loop()
                 # Bounded: a subscriber that never catches up is a failure to report, not a suite that hangs.
                 async with asyncio.timeout(120):
                     while not producer.done() or sub.count < r.committed():
-                        await asyncio.sleep(0.15)
-                        # Each cut with something in flight (on a loaded machine the stream can be idle at a
-                        # fixed moment, and a cut then resends nothing).
-                        if cuts < 8 and r.upstream.forwarder.in_flight > 0:
+                        await asyncio.sleep(0.005)
+                        # Each cut on a live connection with something in flight, at least 0.15 s apart: at a
+                        # fixed moment the stream can be idle (a loaded machine) or already drained (an idle one),
+                        # or still reconnecting, and a cut then resends nothing or counts no reconnect.
+                        link, forwarder = r.upstream.link, r.upstream.forwarder
+                        if cuts < 8 and loop.time() - last_cut >= 0.15 and link.connected and forwarder.in_flight:
                             proxy.cut()
-                            cuts += 1
+                            cuts, last_cut = cuts + 1, loop.time()
                 await producer
                 n = r.committed()
                 await sub.until_seqs(n, timeout=30)
