@@ -856,6 +856,38 @@ async def test_a_session_seated_unseen_is_taken_for_a_car_found_later_without_on
     check_store(cfg)
 
 
+async def test_a_session_released_by_its_grace_is_placed_in_the_zone_it_was_sent_to(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    zone_c = '  [[lots.zones]]\n  id = "C"\n  slots = [{ ids = "C-001", offline_after = 60 }, { ids = "C-002" }]'
+    zone_a = '{ ids = "A-001", offline_after = 60 }, { ids = "A-002..A-004" }'
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=zone_c, zone_a=zone_a)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        for slot in ("A-001", "A-002", "A-003", "A-004", "B-001", "B-002", "T-001", "C-001", "C-002"):
+            await s.sensor(slot, False)
+        await s.advance(65)
+        await s.published(lambda: len(s.alerts("sensor.offline")) == 2)  # A-001 and C-001: dark, free
+        aaa = await s.enter("AAA111")
+        assert aaa["slot"] == "A-002"
+        await s.advance(30)
+        # A car in C-002 is taken for AAA111's, the only session on its way ...
+        await s.sensor("C-002", True)
+        await s.advance(5)
+        await s.published(lambda: s.moved() == [("A-002", "C-002", "reseated")])
+        # ... and leaves again without an exit: it was not AAA111's (that one's would have left through the exit).
+        await s.advance(60)
+        await s.sensor("C-002", False)
+        for _ in range(2):  # heartbeats through the grace
+            await s.advance(300, step=60)
+            await s.sensor("C-002", False)
+        await s.advance(10)
+        await s.published(lambda: len(s.moved()) == 3)
+        # AAA111's car is likelier over the dead sensor of the zone it was sent to than over zone C's.
+        assert s.moved()[1:] == [("C-002", None, "vacated"), (None, "A-001", "unseen")]
+        assert s.obs.events("session.moved")[2]["session_id"] == aaa["session_id"]
+    check_store(cfg)
+
+
 async def test_a_free_slot_going_offline_takes_a_session_running_on_without_one(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:

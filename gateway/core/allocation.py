@@ -132,10 +132,10 @@ def enter(txn: Txn, cmd: Enter) -> dict[str, Any]:
     gate = txn.settings.gates.get(cmd.gate) if cmd.gate is not None else None
     confirmed_now = gate is None or not gate.has_loops
     txn.conn.execute(
-        "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, entry_gate, reservation_id, started_at,"
-        " confirmed_at, factor) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+        "INSERT INTO sessions (id, lot, zone, home_zone, slot, plate, vehicle, state, entry_gate, reservation_id,"
+        " started_at, confirmed_at, factor) VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
         (
-            session_id, lot, zone, slot_id, plate, token, cmd.gate, reservation_id, txn.now,
+            session_id, lot, zone, zone, slot_id, plate, token, cmd.gate, reservation_id, txn.now,
             txn.now if confirmed_now else None, entry_factor(txn, lot),
         ),
     )  # fmt: skip

@@ -31,9 +31,10 @@ step changes no outcome.
   vacancy began and within half its `offline_after` (its last word alone is no evidence for the whole grace: a
   sensor that died reporting vacant, or died before the car came, must not release the car parked over it
   before it is known offline): `alert` `session.vacated`, the session runs on without a slot (`session.moved` to
-  null), the slot is available again; it is then seated in a free slot whose sensor is offline, if any (`unseen`:
-  its car is in no watched slot), or in the next one that appears (`_went_dark`; a guess in another zone moves to
-  one of its own zone there). That guess stays a candidate for a car found without a session (`unseen_at`).
+  null) back in the zone it was given at entry (`home_zone`), the slot is available again; it is then seated in a
+  free slot whose sensor is offline, if any (`unseen`: its car is in no watched slot), or in the next one that
+  appears (`_went_dark`; a guess in another zone moves to one of its own zone there). That guess stays a candidate
+  for a car found without a session (`unseen_at`).
   Otherwise it looks again `vacate_recheck` later, until the sensor speaks or goes offline.
 - **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`), or for half of it when
   a session ends while the sensor still says occupied (its car has left without a word from it). The ingress fires it
@@ -487,7 +488,8 @@ def session_closed(txn: Txn, session_id: str, slot_id: str | None) -> None:
 @timers.on_due(VACATE)
 def _vacate(txn: Txn, session_id: str) -> None:
     row = txn.conn.execute(
-        "SELECT s.slot, s.zone, s.vacant_since, s.seated_at, t.lot, t.sensor_state, t.seen_timer, t.offline_after"
+        "SELECT s.slot, COALESCE(s.home_zone, s.zone) AS home, s.vacant_since, s.seated_at, t.lot, t.sensor_state,"
+        " t.seen_timer, t.offline_after"
         " FROM sessions s JOIN slots t ON t.id = s.slot WHERE s.id = ? AND s.state = 'active'",
         (session_id,),
     ).fetchone()
@@ -506,13 +508,16 @@ def _vacate(txn: Txn, session_id: str) -> None:
         f"slot {slot_id} has been vacant for {txn.settings.vacate_grace:g} s with no exit; the session runs on"
         " without a slot",
     )
+    # A grace that runs out on a session re-seated into another zone most likely undoes a wrong pick (a right one's
+    # car leaves through the exit soon after its slot): its car is likelier in the zone it was sent to at entry.
     txn.conn.execute(
-        "UPDATE sessions SET slot = NULL, seated_at = NULL, vacant_since = NULL, unseen_at = NULL WHERE id = ?",
-        (session_id,),
+        "UPDATE sessions SET slot = NULL, zone = ?, seated_at = NULL, vacant_since = NULL, unseen_at = NULL"
+        " WHERE id = ?",
+        (row["home"], session_id),
     )
     txn.emit(SessionMoved(session_id=session_id, from_slot=slot_id, to_slot=None, reason="vacated"))
     slots.refresh(txn, slot_id, "session.moved")
-    _park_unseen(txn, session_id, row["lot"], row["zone"])
+    _park_unseen(txn, session_id, row["lot"], row["home"])
 
 
 def _park_unseen(txn: Txn, session_id: str, lot: str, zone: str) -> None:

@@ -222,6 +222,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE sessions ADD COLUMN unseen_at REAL;
     """,
+    # 9: home_zone: the zone the session was given at entry. Re-seats move `zone` with the car they take the session
+    # for; a session released by its vacate grace goes back to this one (gateway/core/reconcile.py, `_vacate`).
+    """
+    ALTER TABLE sessions ADD COLUMN home_zone TEXT;
+    UPDATE sessions SET home_zone = zone;
+    """,
 )
 
 Synchronous = Literal["FULL", "NORMAL"]
