@@ -204,9 +204,9 @@ class RawStore:
         slot, zone, _ = self.conn.execute(allocation._PICK_ANY_ZONE, (LOT, "standard", 1)).fetchone()
         session_id = str(uuid.uuid4())
         self.conn.execute(
-            "INSERT INTO sessions (id, lot, zone, slot, plate, vehicle, state, entry_gate, reservation_id, started_at,"
-            " confirmed_at, factor) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
-            (session_id, LOT, zone, slot, p, token, GATE_IN, None, now, now, "1"),
+            "INSERT INTO sessions (id, lot, zone, home_zone, slot, plate, vehicle, state, entry_gate, reservation_id,"
+            " started_at, confirmed_at, factor) VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+            (session_id, LOT, zone, zone, slot, p, token, GATE_IN, None, now, now, "1"),
         )
         self._emit(
             now,
