@@ -68,6 +68,12 @@ camera = "cam-out1"
     )
 
 
+ZONE_C = '  [[lots.zones]]\n  id = "C"\n  slots = [{ ids = "C-001..C-002" }]'
+SLOTS_WITH_C = ("A-001", "A-002", "A-003", "A-004", "B-001", "B-002", "T-001", "C-001", "C-002")
+# Zone A with A-001's sensor offline 60 s after it last spoke: a dark free slot within a test's first minutes.
+ZONE_A_DARK_001 = '{ ids = "A-001", offline_after = 60 }, { ids = "A-002..A-004" }'
+
+
 @dataclass
 class Site:
     gw: Gateway
@@ -369,10 +375,9 @@ async def test_a_car_is_matched_first_to_a_session_that_could_have_driven_there(
 async def test_a_car_in_a_third_zone_goes_to_the_likelier_zone_and_is_rechecked(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
-    zone_c = '  [[lots.zones]]\n  id = "C"\n  slots = [{ ids = "C-001..C-002" }]'
-    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=zone_c)
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=ZONE_C)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        for slot in ("A-001", "A-002", "A-003", "A-004", "B-001", "B-002", "T-001", "C-001", "C-002"):
+        for slot in SLOTS_WITH_C:
             await s.sensor(slot, False)
         await s.advance(5)
         for plate in ("PPP001", "PPP002", "PPP003"):  # A-001..A-003, parked
@@ -420,11 +425,9 @@ async def test_a_car_in_a_third_zone_goes_to_the_likelier_zone_and_is_rechecked(
 async def test_no_recheck_swap_when_the_older_sessions_car_may_stand_unseen_in_its_own_zone(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
-    zone_c = '  [[lots.zones]]\n  id = "C"\n  slots = [{ ids = "C-001..C-002" }]'
-    zone_a = '{ ids = "A-001", offline_after = 60 }, { ids = "A-002..A-004" }'
-    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=zone_c, zone_a=zone_a)
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=ZONE_C, zone_a=ZONE_A_DARK_001)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        for slot in ("A-001", "A-002", "A-003", "A-004", "B-001", "B-002", "T-001", "C-001", "C-002"):
+        for slot in SLOTS_WITH_C:
             await s.sensor(slot, False)
         await s.advance(65)
         await s.published(lambda: s.alerts("sensor.offline"))  # A-001's sensor died: zone A has a dark free slot
@@ -860,10 +863,9 @@ async def test_a_session_released_by_its_grace_is_placed_in_the_zone_it_was_sent
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
     zone_c = '  [[lots.zones]]\n  id = "C"\n  slots = [{ ids = "C-001", offline_after = 60 }, { ids = "C-002" }]'
-    zone_a = '{ ids = "A-001", offline_after = 60 }, { ids = "A-002..A-004" }'
-    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=zone_c, zone_a=zone_a)
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=zone_c, zone_a=ZONE_A_DARK_001)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        for slot in ("A-001", "A-002", "A-003", "A-004", "B-001", "B-002", "T-001", "C-001", "C-002"):
+        for slot in SLOTS_WITH_C:
             await s.sensor(slot, False)
         await s.advance(65)
         await s.published(lambda: len(s.alerts("sensor.offline")) == 2)  # A-001 and C-001: dark, free

@@ -177,15 +177,15 @@ def _occupied(
     `swap`: the slot's session has just ended and had been confirmed then (Timeline; None: never); `arriving`:
     sensors known to see a car that the store does not have yet (`SensorChanges.arriving`)."""
     slot_id: str = slot["id"]
-    if session is not None and (session["seated_at"] is not None or not _too_soon(txn, session, seen)):
-        timers.cancel(txn, VACATE, session["id"])
-        if session["seated_at"] is None:
-            txn.conn.execute(
-                "UPDATE sessions SET seated_at = ?, unseen_at = NULL WHERE id = ?", (txn.now, session["id"])
-            )
-        return
     if session is not None:
-        _taken(txn, session["id"], slot_id)
+        if session["seated_at"] is not None or not _too_soon(session, seen):
+            timers.cancel(txn, VACATE, session["id"])
+            if session["seated_at"] is None:
+                txn.conn.execute(
+                    "UPDATE sessions SET seated_at = ?, unseen_at = NULL WHERE id = ?", (txn.now, session["id"])
+                )
+            return
+        _taken(txn, session["id"], slot_id)  # and the car is matched as on a free slot
     # The session re-seated away from here, if this could be its car arriving (on its way for less than
     # drive_time): the pick was wrong. A car found here later is someone else's.
     returning = txn.conn.execute(
@@ -210,7 +210,7 @@ def _occupied(
         timers.schedule(txn, RECHECK, candidate["id"], recheck)
 
 
-def _too_soon(txn: Txn, session: sqlite3.Row, seen: float) -> bool:
+def _too_soon(session: sqlite3.Row, seen: float) -> bool:
     """Whether a car first seen at `seen` is too early to be the session's: it had not passed the gate
     `GATE_TO_SLOT` before (a car parking as another passes the gate, whose read went ahead of the sensor's)."""
     confirmed = session["confirmed_timer"]
