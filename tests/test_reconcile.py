@@ -590,6 +590,33 @@ async def test_sessions_seated_crosswise_swap_back_when_one_leaves(tmp_path: Pat
     check_store(cfg)
 
 
+async def test_a_session_whose_slot_is_vacant_for_longer_than_a_drive_swaps_in_for_a_car_left_behind(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        assert (await s.enter("AAA111"))["slot"] == "A-001"
+        await s.advance(300)
+        bbb = await s.enter("BBB222")  # A-002, confirmed 300 s after AAA111: more than a drive_time apart
+        await s.advance(10)
+        await s.sensor("A-003", True)  # AAA111's car, taken for BBB222's (on its way for less than drive_time)
+        await s.advance(20)
+        await s.sensor("A-001", True)  # BBB222's car, in AAA111's slot: AAA111 is seated there
+        await s.advance(60)
+        await s.published(lambda: s.moved() == [("A-002", "A-003", "reseated")])
+        # AAA111's car leaves A-003; AAA111 exits 200 s later (a drive_time and more), A-001 still reports a car.
+        await s.sensor("A-003", False)
+        await s.advance(200)
+        await s.exit("AAA111")
+        # A car vacant for that long is on its way to no exit: BBB222's car is the one left behind.
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved()[1] == ("A-003", "A-001", "reseated")
+        assert s.obs.events("session.moved")[1]["session_id"] == bbb["session_id"]
+        await s.published(lambda: s.slot("A-003")["status"] == "available")
+        assert s.alerts("slot.unregistered_occupancy") == [] and s.alerts("session.vacated") == []
+    check_store(cfg)
+
+
 async def test_a_car_on_its_way_to_the_exit_is_not_swapped_in_for_a_car_left_behind(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:

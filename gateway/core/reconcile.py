@@ -17,8 +17,10 @@ step changes no outcome.
   Without one: `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a
   car, where a seated session whose own slot reports vacant and that was confirmed within `drive_time` of the
   ended one comes first: the nearest-candidate rule can seat two cars' sessions crosswise (both on their way at
-  once), and when one of them leaves this is where the other swaps back; any other session with a vacant slot is
-  most likely a car on its way to the exit. Unless that sensor has not been heard within half its `offline_after`:
+  once), and when one of them leaves this is where the other swaps back; then one whose slot has been vacant for
+  `drive_time` or more (its car is in the lot but not there, and it is no car on its way to the exit any more);
+  any other session with a vacant slot is most likely a car on its way to the exit. Unless that sensor has not
+  been heard within half its `offline_after`:
   the car it last saw has most likely just left without a word from it, so it is offline at once.
 - **A pick across zones is looked at again** when the oldest session of another zone it passed over has been on
   its way for `drive_time` unseen (`session.recheck`, `_recheck`): the car is then more likely that one's.
@@ -437,15 +439,24 @@ def _crossed(txn: Txn, slot: sqlite3.Row, confirmed: float) -> sqlite3.Row | Non
 
     Two sessions are seated crosswise when the nearest-candidate rule took one car for the other's while both
     were on their way, so they were confirmed within `drive_time` of each other; the nearest first, then the
-    latest vacancy. Any other session with a vacant slot is most likely a car on its way to the exit, and
-    taking that for this car would free its slot before it has left (and start the same again when it does).
-    Found through the countdowns, a handful of rows."""
+    latest vacancy. Then, of those whose slot has been vacant for `drive_time` or more (a chain of such picks
+    seats them crosswise further apart), same zone first, then the nearest. Any other session with a vacant
+    slot is most likely a car on its way to the exit, and taking that for this car would free its slot before it
+    has left (and start the same again when it does). Found through the countdowns, a handful of rows."""
     row: sqlite3.Row | None = txn.conn.execute(
         "SELECT s.id, s.slot FROM deadlines d JOIN sessions s ON s.id = d.subject"
         " WHERE d.kind = ?1 AND s.lot = ?2 AND s.state = 'active' AND s.seated_at IS NOT NULL"
-        " AND ABS(s.confirmed_timer - ?3) <= ?4"
-        " ORDER BY ABS(s.confirmed_timer - ?3), s.vacant_since DESC, s.id LIMIT 1",
-        (VACATE, slot["lot"], confirmed, txn.settings.drive_time),
+        " AND (ABS(s.confirmed_timer - ?3) <= ?4 OR s.vacant_since <= ?5)"
+        " ORDER BY ABS(s.confirmed_timer - ?3) > ?4, s.zone IS NOT ?6, ABS(s.confirmed_timer - ?3),"
+        " s.vacant_since DESC, s.id LIMIT 1",
+        (
+            VACATE,
+            slot["lot"],
+            confirmed,
+            txn.settings.drive_time,
+            txn.timer_now - txn.settings.drive_time,
+            slot["zone"],
+        ),
     ).fetchone()
     return row
 
