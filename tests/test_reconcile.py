@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_config
 from gateway.core.clock import ManualClock
@@ -942,17 +944,19 @@ async def test_a_free_slot_going_offline_takes_a_session_running_on_without_one(
     check_store(cfg)
 
 
+@pytest.mark.parametrize("freed_by", ["exit", "reseat"])
 async def test_an_unseen_guess_in_another_zone_moves_home_when_a_dark_slot_there_is_free(
-    tmp_path: Path, mosquitto: MosquittoProcess
+    tmp_path: Path, mosquitto: MosquittoProcess, freed_by: str
 ) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
+        cars = {"A-002": False, "A-003": False, "A-004": False}  # what the live sensors see
 
         async def heartbeats(minutes: int, every: int = 60) -> None:
             for _ in range(minutes * 60 // every):
                 await s.advance(every, step=every)
-                for slot in ("A-002", "A-003", "A-004"):
-                    await s.sensor(slot, False)
+                for slot, occupied in cars.items():
+                    await s.sensor(slot, occupied)
 
         await s.sensor("A-001", False)  # both die now: A-001 (offline after 900 s) and T-001 (after 3600 s)
         await s.sensor("T-001", False)
@@ -967,13 +971,19 @@ async def test_an_unseen_guess_in_another_zone_moves_home_when_a_dark_slot_there
         assert first["slot"] == second["slot"] == "A-002"
         await heartbeats(11)
         await s.published(lambda: s.slot("T-001")["session"] == second["session_id"])
-        # AAA111 leaves (from T-001): A-001 is free and dark, and BBB222, of zone A, moves home there.
-        await s.exit("AAA111")
+        if freed_by == "exit":  # AAA111 leaves (from T-001)
+            await s.exit("AAA111")
+        else:  # a car nobody is on the way for comes into A-003: it is taken for AAA111's, the older guess
+            cars["A-003"] = True
+            await s.sensor("A-003", True)
+            await s.advance(10, step=5)
+            await s.published(lambda: ("A-001", "A-003", "reseated") in s.moved())
+        # A-001 is free and dark, and BBB222, of zone A, moves home there.
         await s.published(lambda: s.slot("A-001")["session"] == second["session_id"])
         assert s.moved()[-1] == ("T-001", "A-001", "unseen")
         await s.published(lambda: s.slot("T-001")["status"] == "available")
         zones = s.availability()["zones"]
-        assert (zones["A"]["occupied"], zones["B"]["occupied"]) == (1, 0)
+        assert (zones["A"]["occupied"], zones["B"]["occupied"]) == (1 if freed_by == "exit" else 2, 0)
     check_store(cfg)
 
 

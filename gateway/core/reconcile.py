@@ -35,7 +35,8 @@ step changes no outcome.
   before it is known offline): `alert` `session.vacated`, the session runs on without a slot (`session.moved` to
   null) back in the zone it was given at entry (`home_zone`), the slot is available again; it is then seated in a
   free slot whose sensor is offline, if any (`unseen`: its car is in no watched slot), or in the next one that
-  appears (`_went_dark`; a guess in another zone moves to one of its own zone there). That guess stays a candidate
+  appears (`_went_dark`: going offline, or left by its session; a guess in another zone moves to one of its own
+  zone there). That guess stays a candidate
   for a car found without a session (`unseen_at`).
   Otherwise it looks again `vacate_recheck` later, until the sensor speaks or goes offline.
 - **Offline**: no message for the slot group's `offline_after` (else `sensor_offline_after`), or for half of it when
@@ -243,6 +244,7 @@ def _reseat(
     txn.emit(SessionMoved(session_id=session_id, from_slot=from_slot, to_slot=slot["id"], reason="reseated"))
     if from_slot is not None:
         slots.refresh(txn, from_slot, "session.moved")
+        _went_dark(txn, from_slot)  # an unseen guess taken for a car elsewhere leaves a dark slot
 
 
 def _unregistered(txn: Txn, slot_id: str, seen: float) -> None:
@@ -562,7 +564,7 @@ def _seat_unseen(txn: Txn, session_id: str, slot: sqlite3.Row) -> None:
 
 def _went_dark(txn: Txn, slot_id: str) -> None:
     """A free slot that no sensor watches any more (its sensor has just gone offline, or the session held there
-    has ended): a car may be over it unseen. Seated there, `unseen`: a session of its zone running on without a
+    has ended or left it): a car may be over it unseen. Seated there, `unseen`: a session of its zone running on without a
     slot (its car is in the lot and in no slot a sensor watches), else one of its zone placed unseen in another
     zone (no slot of its own zone was free then), else one of another zone without a slot; the one confirmed
     first. Each move puts a session in its own zone, so the chain it may start (the slot left behind) ends."""
