@@ -564,10 +564,10 @@ def _seat_unseen(txn: Txn, session_id: str, slot: sqlite3.Row) -> None:
 
 def _went_dark(txn: Txn, slot_id: str) -> None:
     """A free slot that no sensor watches any more (its sensor has just gone offline, or the session held there
-    has ended or left it): a car may be over it unseen. Seated there, `unseen`: a session of its zone running on without a
-    slot (its car is in the lot and in no slot a sensor watches), else one of its zone placed unseen in another
-    zone (no slot of its own zone was free then), else one of another zone without a slot; the one confirmed
-    first. Each move puts a session in its own zone, so the chain it may start (the slot left behind) ends."""
+    has ended or left it): a car may be over it unseen. Seated there, `unseen`: a session of its zone running on
+    without a slot (its car is in the lot and in no slot a sensor watches), else one of its zone placed unseen in
+    another zone (no slot of its own zone was free then), else one of another zone without a slot; the one
+    confirmed first. Each move puts a session in its own zone, so the chain it may start (the slot left behind) ends."""
     slot = txn.conn.execute("SELECT * FROM slots WHERE id = ?", (slot_id,)).fetchone()
     if slot["sensor_state"] != "offline" or slot["status"] != "available":
         return
