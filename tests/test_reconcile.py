@@ -619,6 +619,29 @@ async def test_a_session_whose_slot_is_vacant_for_longer_than_a_drive_swaps_in_f
     check_store(cfg)
 
 
+async def test_a_car_that_moves_to_another_slot_takes_its_session_along(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        aaa = await s.park("AAA111")
+        await s.advance(600, step=60)
+        await s.sensor("A-001", True)  # a heartbeat
+        await s.advance(60)
+        # Its car leaves A-001, drives about for longer than a drive_time, and parks in A-003; nobody is on the way.
+        await s.sensor("A-001", False)
+        await s.advance(200)
+        await s.sensor("A-003", True)
+        await s.advance(10, step=5)
+        await s.published(lambda: s.moved() == [("A-001", "A-003", "reseated")])
+        assert s.obs.events("session.moved")[0]["session_id"] == aaa["session_id"]
+        await s.published(lambda: s.slot("A-001")["status"] == "available")
+        assert s.alerts("slot.unregistered_occupancy") == []
+        await s.advance(600, step=60)  # no vacate grace runs on for it
+        assert s.alerts("session.vacated") == []
+    check_store(cfg)
+
+
 async def test_a_car_on_its_way_to_the_exit_is_not_swapped_in_for_a_car_left_behind(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:

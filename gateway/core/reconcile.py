@@ -14,6 +14,8 @@ step changes no outcome.
   likeliest zone: `_likeliest`), then same zone, then one whose slot's sensor would have seen it arrive, then the
   oldest; last of all one whose own slot's sensor is debouncing a car (the ingress's `SensorChanges.arriving`, or a
   later change of the same batch): its car has most likely just parked there.
+  With none on its way for less than `drive_time`, a seated session whose slot has been vacant for that long comes
+  first: its car moved on (no exit), or a chain of such picks seated it on another's.
   Without one: `alert` `slot.unregistered_occupancy`. The same when a session ends while its slot still reports a
   car, where a seated session whose own slot reports vacant and that was confirmed within `drive_time` of the
   ended one comes first: the nearest-candidate rule can seat two cars' sessions crosswise (both on their way at
@@ -200,15 +202,14 @@ def _occupied(
         _return(txn, slot, returning, seen, arriving)
         return
     candidate = None if swap is None else _crossed(txn, slot, swap)
-    crossed = candidate is not None
     recheck = None
     if candidate is None:
         candidate, recheck = _pick(txn, slot, seen, arriving)
     if candidate is None:
         _unregistered(txn, slot_id, seen)
         return
-    # A seated session swapping back left a vacant slot; one on its way leaves one its car may still drive to.
-    _reseat(txn, candidate["id"], slot, candidate["slot"], seen, remember=not crossed)
+    # A seated session moving here left a vacant slot; one on its way leaves one its car may still drive to.
+    _reseat(txn, candidate["id"], slot, candidate["slot"], seen, remember=not candidate["seated"])
     if recheck is not None:
         timers.schedule(txn, RECHECK, candidate["id"], recheck)
 
@@ -275,11 +276,14 @@ def _pick(
     """`_on_its_way`, and when the pick passed over an older session of another zone, when that one's drive_time
     ends (Timeline): if its car has not arrived by then, the car is more likely its (`_recheck`).
 
-    Last of all, one whose own slot's sensor is `arriving`: its car has most likely just parked there."""
+    Last of all, one whose own slot's sensor is `arriving`: its car has most likely just parked there.
+    With none on its way for less than `drive_time`, one seated whose slot has been vacant that long comes
+    first (`_left_long`)."""
     # On its way when the car was first seen (not when the debounce let it count): confirmed before then, and no
     # longer ago than arrival_window (unless it has no slot). A handful of rows: the sessions on their way.
     candidates: list[sqlite3.Row] = txn.conn.execute(
-        "SELECT s.id, s.slot, s.zone, s.confirmed_timer, t.sensor FROM sessions s INDEXED BY sessions_unseated"
+        "SELECT s.id, s.slot, s.zone, s.confirmed_timer, t.sensor, 0 AS seated FROM sessions s"
+        " INDEXED BY sessions_unseated"
         " LEFT JOIN slots t ON t.id = s.slot"
         " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.confirmed_timer <= ?"
         " AND (s.slot IS NULL OR s.unseen_at IS NOT NULL OR s.confirmed_timer >= ?)"
@@ -295,11 +299,13 @@ def _pick(
             slot["zone"],
         ),
     ).fetchall()
-    if not candidates:
-        return None, None
     plausible = [
         c for c in candidates if c["confirmed_timer"] >= seen - txn.settings.drive_time and c["sensor"] not in arriving
     ]
+    if not plausible and (left := _left_long(txn, slot, seen)) is not None:
+        return left, None
+    if not candidates:
+        return None, None
     if len({c["zone"] for c in plausible}) > 1:
         chosen = _likeliest(txn, slot, seen, plausible)
         passed = [
@@ -446,7 +452,7 @@ def _crossed(txn: Txn, slot: sqlite3.Row, confirmed: float) -> sqlite3.Row | Non
     slot is most likely a car on its way to the exit, and taking that for this car would free its slot before it
     has left (and start the same again when it does). Found through the countdowns, a handful of rows."""
     row: sqlite3.Row | None = txn.conn.execute(
-        "SELECT s.id, s.slot FROM deadlines d JOIN sessions s ON s.id = d.subject"
+        "SELECT s.id, s.slot, 1 AS seated FROM deadlines d JOIN sessions s ON s.id = d.subject"
         " WHERE d.kind = ?1 AND s.lot = ?2 AND s.state = 'active' AND s.seated_at IS NOT NULL"
         " AND (ABS(s.confirmed_timer - ?3) <= ?4 OR s.vacant_since <= ?5)"
         " ORDER BY ABS(s.confirmed_timer - ?3) > ?4, s.zone IS NOT ?6, ABS(s.confirmed_timer - ?3),"
@@ -459,6 +465,23 @@ def _crossed(txn: Txn, slot: sqlite3.Row, confirmed: float) -> sqlite3.Row | Non
             txn.timer_now - txn.settings.drive_time,
             slot["zone"],
         ),
+    ).fetchone()
+    return row
+
+
+def _left_long(txn: Txn, slot: sqlite3.Row, seen: float) -> sqlite3.Row | None:
+    """A seated session whose slot has been vacant for `drive_time` or more, for a car in `slot` that no session
+    on its way is likely to be: its car is in the lot (no exit) but not in its slot, and no car on its way to the
+    exit any more (that exit would have come by then). Same zone first, then the nearest confirmation (a chain
+    of nearest-candidate picks seats sessions crosswise that entered close together). Taking one that has just
+    left would free its slot before its car is out, and start the same again at its exit."""
+    row: sqlite3.Row | None = txn.conn.execute(
+        "SELECT s.id, s.slot, s.zone, s.confirmed_timer, NULL AS sensor, 1 AS seated"
+        " FROM deadlines d JOIN sessions s ON s.id = d.subject"
+        " WHERE d.kind = ?1 AND s.lot = ?2 AND s.state = 'active' AND s.seated_at IS NOT NULL"
+        " AND s.vacant_since <= ?3"
+        " ORDER BY s.zone IS NOT ?4, ABS(s.confirmed_timer - ?5), s.id LIMIT 1",
+        (VACATE, slot["lot"], txn.timer_now - txn.settings.drive_time, slot["zone"], seen),
     ).fetchone()
     return row
 
