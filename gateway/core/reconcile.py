@@ -446,9 +446,9 @@ def _crossed(txn: Txn, slot: sqlite3.Row, confirmed: float) -> sqlite3.Row | Non
     session that has just ended in `slot` (confirmed at `confirmed`): its car is not where the store has it.
 
     Two sessions are seated crosswise when the nearest-candidate rule took one car for the other's while both
-    were on their way, so they were confirmed within `drive_time` of each other; the nearest first, then the
-    latest vacancy. Then, of those whose slot has been vacant for `drive_time` or more (a chain of such picks
-    seats them crosswise further apart), same zone first, then the nearest. Any other session with a vacant
+    were on their way, so they were confirmed within `drive_time` of each other. Then those whose slot has been
+    vacant for `drive_time` or more (a chain of such picks seats them crosswise further apart). In each group,
+    same zone first, then the nearest confirmation, then the latest vacancy. Any other session with a vacant
     slot is most likely a car on its way to the exit, and taking that for this car would free its slot before it
     has left (and start the same again when it does). Found through the countdowns, a handful of rows."""
     row: sqlite3.Row | None = txn.conn.execute(
