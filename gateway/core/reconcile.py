@@ -446,42 +446,35 @@ def _crossed(txn: Txn, slot: sqlite3.Row, confirmed: float) -> sqlite3.Row | Non
     session that has just ended in `slot` (confirmed at `confirmed`): its car is not where the store has it.
 
     Two sessions are seated crosswise when the nearest-candidate rule took one car for the other's while both
-    were on their way, so they were confirmed within `drive_time` of each other. Then those whose slot has been
-    vacant for `drive_time` or more (a chain of such picks seats them crosswise further apart). In each group,
-    same zone first, then the nearest confirmation, then the latest vacancy. Any other session with a vacant
-    slot is most likely a car on its way to the exit, and taking that for this car would free its slot before it
-    has left (and start the same again when it does). Found through the countdowns, a handful of rows."""
+    were on their way, so they were confirmed within `drive_time` of each other. Then one whose slot has been
+    vacant for `drive_time` or more (`_left_long`: a chain of such picks seats them crosswise further apart). In
+    each group, same zone first, then the nearest confirmation, then the latest vacancy. Any other session with
+    a vacant slot is most likely a car on its way to the exit, and taking that for this car would free its slot
+    before it has left (and start the same again when it does). Found through the countdowns, a handful of rows."""
     row: sqlite3.Row | None = txn.conn.execute(
         "SELECT s.id, s.slot, 1 AS seated FROM deadlines d JOIN sessions s ON s.id = d.subject"
         " WHERE d.kind = ?1 AND s.lot = ?2 AND s.state = 'active' AND s.seated_at IS NOT NULL"
-        " AND (ABS(s.confirmed_timer - ?3) <= ?4 OR s.vacant_since <= ?5)"
-        " ORDER BY ABS(s.confirmed_timer - ?3) > ?4, s.zone IS NOT ?6, ABS(s.confirmed_timer - ?3),"
-        " s.vacant_since DESC, s.id LIMIT 1",
-        (
-            VACATE,
-            slot["lot"],
-            confirmed,
-            txn.settings.drive_time,
-            txn.timer_now - txn.settings.drive_time,
-            slot["zone"],
-        ),
+        " AND ABS(s.confirmed_timer - ?3) <= ?4"
+        " ORDER BY s.zone IS NOT ?5, ABS(s.confirmed_timer - ?3), s.vacant_since DESC, s.id LIMIT 1",
+        (VACATE, slot["lot"], confirmed, txn.settings.drive_time, slot["zone"]),
     ).fetchone()
-    return row
+    return row if row is not None else _left_long(txn, slot, confirmed)
 
 
-def _left_long(txn: Txn, slot: sqlite3.Row, seen: float) -> sqlite3.Row | None:
+def _left_long(txn: Txn, slot: sqlite3.Row, near: float) -> sqlite3.Row | None:
     """A seated session whose slot has been vacant for `drive_time` or more, for a car in `slot` that no session
     on its way is likely to be: its car is in the lot (no exit) but not in its slot, and no car on its way to the
-    exit any more (that exit would have come by then). Same zone first, then the nearest confirmation (a chain
-    of nearest-candidate picks seats sessions crosswise that entered close together). Taking one that has just
-    left would free its slot before its car is out, and start the same again at its exit."""
+    exit any more (that exit would have come by then). Same zone first, then the confirmation nearest `near`
+    (Timeline; a chain of nearest-candidate picks seats sessions crosswise that entered close together), then the
+    latest vacancy. Taking one that has just left would free its slot before its car is out, and start the same
+    again at its exit."""
     row: sqlite3.Row | None = txn.conn.execute(
         "SELECT s.id, s.slot, s.zone, s.confirmed_timer, NULL AS sensor, 1 AS seated"
         " FROM deadlines d JOIN sessions s ON s.id = d.subject"
         " WHERE d.kind = ?1 AND s.lot = ?2 AND s.state = 'active' AND s.seated_at IS NOT NULL"
         " AND s.vacant_since <= ?3"
-        " ORDER BY s.zone IS NOT ?4, ABS(s.confirmed_timer - ?5), s.id LIMIT 1",
-        (VACATE, slot["lot"], txn.timer_now - txn.settings.drive_time, slot["zone"], seen),
+        " ORDER BY s.zone IS NOT ?4, ABS(s.confirmed_timer - ?5), s.vacant_since DESC, s.id LIMIT 1",
+        (VACATE, slot["lot"], txn.timer_now - txn.settings.drive_time, slot["zone"], near),
     ).fetchone()
     return row
 
