@@ -59,3 +59,4 @@ def test_accuracy_bench_several_seeds(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "a.json").read_text())
     assert sorted(results) == ["1", "2"]
     assert all(r["samples"] == 360 and r["messages_sent"] > 0 for r in results.values())
+    assert all(r["lot_changes"] > 0 and r["lot_converge_p99_s"] >= 0 for r in results.values())
