@@ -206,6 +206,7 @@ class Day:
         self.last_lot: tuple[int, ...] | None = None
         self.debug = opts.debug
         self.diag: Counter[str] = Counter()
+        self.diag_zones: Counter[str] = Counter()  # only the wrong slots whose zone's count is off their way
         self.trace: list[dict[str, Any]] = []
         self.plate_of: dict[str, str] = {}
         self.dumped = False
@@ -540,7 +541,7 @@ class Day:
                 if not ok:
                     wrong.append(slot)
             if self.debug and wrong:
-                self.diagnose(wrong)
+                self.diagnose(wrong, seen, truth)
 
     def judge_moves(self) -> None:
         """Was each re-seat right (the session's car is in the slot it went to)? Printed and counted (--debug)."""
@@ -575,8 +576,13 @@ class Day:
             return "driving"
         return "gone"
 
-    def diagnose(self, wrong: list[str]) -> None:
-        """Count wrong slot samples by what lies behind them (--debug)."""
+    def diagnose(self, wrong: list[str], seen: tuple[int, ...] | None, truth: tuple[int, ...]) -> None:
+        """Count wrong slot samples by what lies behind them (--debug); in `diag_zones` only those that move a
+        published count: a slot published taken in a zone counted too full, or free in one counted too empty (a
+        wrong slot in a zone whose count is right has a partner there, the same car counted in another slot)."""
+        off = {
+            f"Z{z}": 0 if seen is None else seen[3 + 2 * (z - 1)] - truth[3 + 2 * (z - 1)] for z in range(1, ZONES + 1)
+        }
         conn = sqlite3.connect(f"file:{self.gw.db}?mode=ro", uri=True)
         try:
             for slot in wrong:
@@ -610,6 +616,8 @@ class Day:
                         f" sensor={doc.get('sensor')} dead={sensor.dead}"
                     )
                 self.diag[kind] += 1
+                if (off[self.zone_of[slot]] > 0) == (doc.get("status") == "occupied") and off[self.zone_of[slot]]:
+                    self.diag_zones[kind] += 1
         finally:
             conn.close()
 
@@ -672,6 +680,7 @@ async def simulate(opts: Options, root: Path) -> dict[str, Any]:
         "verdicts": dict(gw.ingress.verdicts),
         "slowest": sorted(day.worst, key=lambda x: -x[1])[:10],
         "diagnosis": dict(day.diag.most_common()),
+        "diagnosis_zones": dict(day.diag_zones.most_common()),
         **({"over_7s_at": day.worst} if day.debug else {}),  # (changed at, converged after) for each
     }
 
@@ -758,7 +767,7 @@ def main(argv: list[str] | None = None) -> None:
         "--debug",
         action="store_true",
         help="print every re-seat (right or wrong), alerts, the slots behind the first long mismatch, and count the"
-        " wrong slot samples by cause (in the JSON's diagnosis)",
+        " wrong slot samples by cause (in the JSON's diagnosis; diagnosis_zones: those that put a zone's count off)",
     )
     parser.add_argument("--dump-after", type=float, default=400.0, help="with --debug: what a long mismatch is (s)")
     parser.add_argument(
