@@ -60,3 +60,12 @@ def test_accuracy_bench_several_seeds(tmp_path: Path) -> None:
     assert sorted(results) == ["1", "2"]
     assert all(r["samples"] == 360 and r["messages_sent"] > 0 for r in results.values())
     assert all(r["lot_changes"] > 0 and r["lot_converge_p99_s"] >= 0 for r in results.values())
+
+
+def test_accuracy_bench_debug_diagnoses_the_wrong_slots(tmp_path: Path) -> None:
+    run_bench("bench.accuracy", "--hours", "10", "--slots", "50", "--debug", "--json", str(tmp_path / "d.json"))
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert result["exact"] < 1  # a morning of misparks: some samples are off, so some zone's count is
+    wrong = {k: v for k, v in result["diagnosis"].items() if not k.startswith("move ")}
+    zones = result["diagnosis_zones"]
+    assert zones and all(0 < n <= wrong[kind] for kind, n in zones.items())
