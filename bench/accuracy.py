@@ -113,6 +113,27 @@ camera = "cam-out1"
 
 
 @dataclass
+class Convergence:
+    """From each step a true value changes to the first step where the published one equals it again."""
+
+    pending: list[float] = field(default_factory=list)  # when each change not yet converged came
+    times: list[float] = field(default_factory=list)
+    slow: list[tuple[float, float]] = field(default_factory=list)  # (changed at, converged after) over 7 s
+    last: tuple[int, ...] | None = None
+
+    def observe(self, now: float, truth: tuple[int, ...], seen: tuple[int, ...] | None) -> None:
+        if truth != self.last:
+            self.pending.append(now)
+            self.last = truth
+        if seen == truth:
+            for t in self.pending:
+                self.times.append(now - t)
+                if now - t > 7:
+                    self.slow.append((t, now - t))
+            self.pending.clear()
+
+
+@dataclass
 class Car:
     plate: str
     dwell: float
@@ -196,17 +217,11 @@ class Day:
         self.exact_lot = 0
         self.slot_samples = 0
         self.slot_exact = 0
-        self.pending_changes: list[float] = []
-        self.converged: list[float] = []
-        self.last_truth: tuple[int, ...] | None = None
-        self.worst: list[tuple[float, float]] = []
-        # The same for the lot's two counts alone (a car counted in the wrong zone is right here).
-        self.lot_pending: list[float] = []
-        self.lot_converged: list[float] = []
-        self.last_lot: tuple[int, ...] | None = None
+        self.conv = Convergence()
+        self.lot_conv = Convergence()  # the lot's two counts alone (a car counted in the wrong zone is right here)
         self.debug = opts.debug
         self.diag: Counter[str] = Counter()
-        self.diag_zones: Counter[str] = Counter()  # only the wrong slots whose zone's count is off their way
+        self.diag_zones: Counter[str] = Counter()  # only the wrong slots that put their zone's count off
         self.trace: list[dict[str, Any]] = []
         self.plate_of: dict[str, str] = {}
         self.dumped = False
@@ -477,25 +492,12 @@ class Day:
     def measure(self) -> None:
         truth = self.truth()
         seen = self.published()
-        if truth != self.last_truth:
-            self.pending_changes.append(self.now)
-            self.last_truth = truth
-        if seen == truth:
-            for t in self.pending_changes:
-                self.converged.append(self.now - t)
-                if self.now - t > 7:
-                    self.worst.append((t, self.now - t))
-            self.pending_changes.clear()
-        if truth[:2] != self.last_lot:
-            self.lot_pending.append(self.now)
-            self.last_lot = truth[:2]
-        if seen is not None and seen[:2] == truth[:2]:
-            self.lot_converged += [self.now - t for t in self.lot_pending]
-            self.lot_pending.clear()
+        self.conv.observe(self.now, truth, seen)
+        self.lot_conv.observe(self.now, truth[:2], None if seen is None else seen[:2])
         if (
             self.debug
-            and self.pending_changes
-            and self.now - self.pending_changes[0] > self.opts.dump_after
+            and self.conv.pending
+            and self.now - self.conv.pending[0] > self.opts.dump_after
             and not self.dumped
         ):
             self.dumped = True
@@ -616,7 +618,10 @@ class Day:
                         f" sensor={doc.get('sensor')} dead={sensor.dead}"
                     )
                 self.diag[kind] += 1
-                if (off[self.zone_of[slot]] > 0) == (doc.get("status") == "occupied") and off[self.zone_of[slot]]:
+                zone_off = off[self.zone_of[slot]]
+                if (zone_off > 0 and doc.get("status") == "occupied") or (
+                    zone_off < 0 and doc.get("status") != "occupied"
+                ):
                     self.diag_zones[kind] += 1
         finally:
             conn.close()
@@ -656,7 +661,7 @@ async def simulate(opts: Options, root: Path) -> dict[str, Any]:
         await asyncio.wait_for(task, 30)
     finally:
         broker.stop()
-    conv = day.converged
+    conv = day.conv.times
     return {
         "simulated_h": opts.hours,
         "real_s": round(real, 1),
@@ -665,23 +670,23 @@ async def simulate(opts: Options, root: Path) -> dict[str, Any]:
         "exact_lot_counts": day.exact_lot / max(1, day.samples),
         "slot_status_exact": day.slot_exact / max(1, day.slot_samples),
         "changes": len(conv),
-        "unconverged_at_end": len(day.pending_changes),
+        "unconverged_at_end": len(day.conv.pending),
         "converge_p50_s": percentile(conv, 0.50),
         "converge_p99_s": percentile(conv, 0.99),
         "converge_max_s": max(conv, default=float("nan")),
-        "over_7s": len([c for c in conv if c > 7]),
-        "lot_changes": len(day.lot_converged),
-        "lot_converge_p50_s": percentile(day.lot_converged, 0.50),
-        "lot_converge_p99_s": percentile(day.lot_converged, 0.99),
-        "lot_over_7s": len([c for c in day.lot_converged if c > 7]),
+        "over_7s": len(day.conv.slow),
+        "lot_changes": len(day.lot_conv.times),
+        "lot_converge_p50_s": percentile(day.lot_conv.times, 0.50),
+        "lot_converge_p99_s": percentile(day.lot_conv.times, 0.99),
+        "lot_over_7s": len(day.lot_conv.slow),
         "messages_sent": day.sent,
         "world": dict(day.counts),
         "gateway_events": dict(day.observed.kinds),
         "verdicts": dict(gw.ingress.verdicts),
-        "slowest": sorted(day.worst, key=lambda x: -x[1])[:10],
+        "slowest": sorted(day.conv.slow, key=lambda x: -x[1])[:10],
         "diagnosis": dict(day.diag.most_common()),
         "diagnosis_zones": dict(day.diag_zones.most_common()),
-        **({"over_7s_at": day.worst} if day.debug else {}),  # (changed at, converged after) for each
+        **({"over_7s_at": day.conv.slow} if day.debug else {}),  # (changed at, converged after) for each
     }
 
 
