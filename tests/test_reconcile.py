@@ -456,6 +456,81 @@ async def test_no_recheck_swap_when_the_older_sessions_car_may_stand_unseen_in_i
     check_store(cfg)
 
 
+async def test_a_car_given_to_the_older_session_is_rechecked_when_a_younger_ones_drive_ends_too(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=ZONE_C, zone_a=ZONE_A_DARK_001)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        for slot in SLOTS_WITH_C:
+            await s.sensor(slot, False)
+        await s.advance(65)
+        await s.published(lambda: s.alerts("sensor.offline"))  # A-001's sensor died: zone A has a dark free slot
+        for plate in ("PPP002", "PPP003"):  # A-002, A-003
+            await s.park(plate)
+        await s.advance(5)
+        aaa = await s.enter("AAA111")  # A-004, the last healthy slot of A
+        await s.advance(60)
+        bbb = await s.enter("BBB222")  # B-001
+        assert (aaa["slot"], bbb["slot"]) == ("A-004", "B-001")
+        await s.advance(30)
+        # A car in C-001, a zone neither was sent to, each with room: the older AAA111's (likelier to arrive now).
+        await s.sensor("C-001", True)
+        await s.advance(5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("A-004", "C-001", "reseated")]
+        # BBB222's drive_time ends too with its car nowhere seen: one of the two cars stands where no sensor sees
+        # it, and of the free slots of A half have a dead sensor, of B none: that car is likelier AAA111's, over
+        # A-001, and the one in C-001 BBB222's. They swap.
+        await s.advance(130)
+        assert len(s.moved()) == 1  # not before BBB222's drive_time ends
+        await s.advance(20)
+        await s.published(lambda: len(s.moved()) == 3)
+        assert s.moved()[1:] == [("C-001", "A-004", "reverted"), ("B-001", "C-001", "reseated")]
+        assert [e["session_id"] for e in s.obs.events("session.moved")[1:]] == [aaa["session_id"], bbb["session_id"]]
+        await s.published(lambda: s.availability()["zones"]["B"]["available"] == 3)
+    check_store(cfg)
+
+
+async def test_no_recheck_swap_with_a_younger_session_while_another_car_was_found_during_its_drive(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    zone_d = '  [[lots.zones]]\n  id = "D"\n  slots = [{ ids = "D-001..D-003" }]'
+    cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=f"{zone_d}\n{ZONE_C}", zone_a=ZONE_A_DARK_001)
+    async with site(cfg, ManualClock(), mosquitto.port) as s:
+        for slot in (*SLOTS_WITH_C, "D-001", "D-002", "D-003"):
+            await s.sensor(slot, False)
+        await s.advance(65)
+        await s.published(lambda: s.alerts("sensor.offline"))  # A-001's sensor died: zone A has a dark free slot
+        for plate in ("PPP002", "PPP003"):  # A-002, A-003
+            await s.park(plate)
+        await s.advance(5)
+        aaa = await s.enter("AAA111")  # A-004
+        for plate in ("PPP004", "PPP005", "PPP006"):  # zone B, full
+            await s.park(plate)
+        await s.advance(41)
+        qqq = await s.enter("QQQ444")  # D-001
+        await s.advance(10)
+        bbb = await s.enter("BBB222")  # D-002
+        assert (aaa["slot"], qqq["slot"], bbb["slot"]) == ("A-004", "D-001", "D-002")
+        await s.advance(90)
+        # A car in C-001: AAA111's, at the end of its drive (more likely than either of zone D's).
+        await s.sensor("C-001", True)
+        await s.advance(5)
+        await s.published(lambda: s.moved())
+        assert s.moved() == [("A-004", "C-001", "reseated")]
+        # A car in D-003: QQQ444's, the older of zone D.
+        await s.sensor("D-003", True)
+        await s.advance(5)
+        await s.published(lambda: len(s.moved()) == 2)
+        assert s.moved()[1] == ("D-001", "D-003", "reseated")
+        assert s.obs.events("session.moved")[1]["session_id"] == qqq["session_id"]
+        # BBB222's drive ends with its car nowhere seen. Zone A hides a car better than zone D, but the car in
+        # D-003 may as well be BBB222's (QQQ444's then unseen): no swap of AAA111's on that.
+        await s.advance(120)
+        assert len(s.moved()) == 2
+    check_store(cfg)
+
+
 async def test_a_session_whose_own_slot_is_seeing_a_car_arrive_is_not_picked(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:

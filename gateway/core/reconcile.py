@@ -24,8 +24,9 @@ step changes no outcome.
   any other session with a vacant slot is most likely a car on its way to the exit. Unless that sensor has not
   been heard within half its `offline_after`:
   the car it last saw has most likely just left without a word from it, so it is offline at once.
-- **A pick across zones is looked at again** when the oldest session of another zone it passed over has been on
-  its way for `drive_time` unseen (`session.recheck`, `_recheck`): the car is then more likely that one's.
+- **A pick across zones is looked at again** when a session of another zone it passed over has been on its way
+  for `drive_time` unseen (`session.recheck`, `_recheck`): the car is then more likely that one's if it is
+  older, and may be if it is younger (whichever car is likelier to stand where no sensor sees it is the other).
 - **Re-seats can be taken back.** The slot a session on its way was re-seated away from is remembered for its
   arrival window (`session.reseated`) and allocated last in its tier. A car found there soon enough is that
   session's after all: it goes back, and the car it had been re-seated to is matched again. A re-seat whose car
@@ -273,8 +274,8 @@ def _on_its_way(txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[st
 def _pick(
     txn: Txn, slot: sqlite3.Row, seen: float, arriving: frozenset[str] = frozenset()
 ) -> tuple[sqlite3.Row | None, float | None]:
-    """`_on_its_way`, and when the pick passed over an older session of another zone, when that one's drive_time
-    ends (Timeline): if its car has not arrived by then, the car is more likely its (`_recheck`).
+    """`_on_its_way`, and when the pick passed over a session of another zone, when the first such one's
+    drive_time ends (Timeline): if its car has not arrived by then, the car may be its (`_recheck`).
 
     Last of all, one whose own slot's sensor is `arriving`: its car has most likely just parked there.
     With none on its way for less than `drive_time`, one seated whose slot has been vacant that long comes
@@ -308,11 +309,7 @@ def _pick(
         return None, None
     if len({c["zone"] for c in plausible}) > 1:
         chosen = _likeliest(txn, slot, seen, plausible)
-        passed = [
-            c["confirmed_timer"]
-            for c in plausible
-            if c["confirmed_timer"] < chosen["confirmed_timer"] and c["zone"] != chosen["zone"]
-        ]
+        passed = [c["confirmed_timer"] for c in plausible if c["zone"] != chosen["zone"]]
         return chosen, (min(passed) + txn.settings.drive_time if passed else None)
     return next((c for c in candidates if c["sensor"] not in arriving), candidates[0]), None
 
@@ -325,23 +322,44 @@ def _likeliest(txn: Txn, slot: sqlite3.Row, seen: float, plausible: list[sqlite3
     zone (`SAME_ZONE_SHARE`) when it has room, otherwise takes any free slot of the lot; and with drive times
     spread up to `drive_time`, a car on its way for longer is likelier to arrive now (the hazard
     1 / (drive_time - time on its way)). Within the zone, the first in `_on_its_way`'s order."""
-    free: dict[str, int] = dict(
-        txn.conn.execute(
-            "SELECT zone, COUNT(*) FROM slots WHERE lot = ? AND status = 'available' GROUP BY zone", (slot["lot"],)
-        ).fetchall()
-    )
-    lot_free = max(1, sum(free.values()))
-    here = max(1, free.get(slot["zone"], 0))
+    free, _ = _free_by_zone(txn, slot["lot"])
+    lot_free = sum(free.values())
     weights: dict[str, float] = {}
     for c in plausible:
-        if c["zone"] == slot["zone"]:
-            share = SAME_ZONE_SHARE * lot_free / here + (1 - SAME_ZONE_SHARE)
-        else:
-            share = 1 - SAME_ZONE_SHARE if free.get(c["zone"], 0) else 1.0
+        share = _zone_share(free, lot_free, slot["zone"], c["zone"])
         hazard = 1.0 / max(1.0, txn.settings.drive_time - (seen - c["confirmed_timer"]))
         weights[c["zone"]] = weights.get(c["zone"], 0.0) + share * hazard
     zone = max(weights, key=lambda z: weights[z])
     return next(c for c in plausible if c["zone"] == zone)
+
+
+def _free_by_zone(txn: Txn, lot: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Per zone of the lot: its free slots, and of them those no sensor watches (offline or none)."""
+    free: dict[str, int] = {}
+    dark: dict[str, int] = {}
+    for zone, n, unwatched in txn.conn.execute(
+        "SELECT zone, COUNT(*), SUM(sensor_state IN ('offline', 'none')) FROM slots"
+        " WHERE lot = ? AND status = 'available' GROUP BY zone",
+        (lot,),
+    ):
+        free[zone], dark[zone] = n, unwatched
+    return free, dark
+
+
+def _zone_share(free: dict[str, int], lot_free: int, here: str, zone: str) -> float:
+    """How likely a driver sent to `zone` who parks elsewhere picks a given free slot of zone `here`, times the
+    lot's free slots: one who stays in the assigned zone when it has room (`SAME_ZONE_SHARE`), or any free slot."""
+    if zone == here:
+        return SAME_ZONE_SHARE * max(1, lot_free) / max(1, free.get(here, 0)) + (1 - SAME_ZONE_SHARE)
+    return 1 - SAME_ZONE_SHARE if free.get(zone, 0) else 1.0
+
+
+def _unseen_share(free: dict[str, int], dark: dict[str, int], zone: str) -> float:
+    """How likely a driver sent to `zone` who parks elsewhere stands where no sensor sees it (the same choice)."""
+    anywhere = sum(dark.values()) / max(1, sum(free.values()))
+    if not free.get(zone, 0):
+        return anywhere
+    return SAME_ZONE_SHARE * dark.get(zone, 0) / free[zone] + (1 - SAME_ZONE_SHARE) * anywhere
 
 
 def _returns(txn: Txn, slot: sqlite3.Row, row: sqlite3.Row, seen: float, arriving: frozenset[str]) -> bool:
@@ -607,12 +625,20 @@ def _reseated_due(txn: Txn, session_id: str) -> None:
 
 @timers.on_due(RECHECK)
 def _recheck(txn: Txn, session_id: str) -> None:
-    """A session re-seated over an older one of another zone, at the end of that one's drive_time: if neither car
-    has arrived since (the re-seated one's slot still vacant and free, the older one still on its way), the car is
-    more likely the older one's, whose drive is over, than the re-seated one's, still driving: they swap. Not when
-    a free slot of the older one's zone has no sensor watching it: its car has more likely parked there. The
-    older one remembers its own slot as `_occupied` would (a car there soon is its after all, and the car is
-    matched again); the re-seated one is on its way again, a fresh vacate grace for its slot."""
+    """A session re-seated across zones, at the end of the drive_time of a session of another zone it was
+    picked over (one on its way when the car was first seen): if neither car has arrived since (the re-seated
+    one's slot still vacant and free, the other still on its way), one of them stands where no sensor sees it.
+
+    - The other older: the car is more likely its, whose drive is over, than the re-seated one's, still
+      driving: they swap. Not when a free slot of its zone has no sensor watching it: its car has more likely
+      parked there.
+    - The other younger (both drives over): they swap when that is likelier, the car here the other's and the
+      re-seated one's unseen (`_unseen_share`: a zone whose free slots are mostly dark hides its misparked cars).
+      Not when another car was found away from its session's slot during the other's drive: that may be its.
+
+    The other remembers its own slot as `_occupied` would (a car there soon is its after all, and the car is
+    matched again); the re-seated one is on its way again, a fresh vacate grace for its slot. No swap, and a
+    younger one still driving: looked at again when its drive_time ends."""
     row = txn.conn.execute(
         "SELECT id, slot, reseated_from, reseated_seen, confirmed_timer FROM sessions"
         " WHERE id = ? AND state = 'active'",
@@ -626,29 +652,45 @@ def _recheck(txn: Txn, session_id: str) -> None:
         return
     if slots.active_session_on(txn.conn, back["id"]) is not None:
         return
-    seen = row["reseated_seen"]
-    older = txn.conn.execute(
-        "SELECT s.id, s.slot FROM sessions s INDEXED BY sessions_unseated JOIN slots t ON t.id = s.slot"
+    seen, drive = row["reseated_seen"], txn.settings.drive_time
+    others = txn.conn.execute(
+        "SELECT s.id, s.slot, s.zone, s.confirmed_timer FROM sessions s INDEXED BY sessions_unseated"
+        " JOIN slots t ON t.id = s.slot"
         " WHERE s.lot = ? AND s.state = 'active' AND s.seated_at IS NULL AND s.zone IS NOT ?"
-        " AND s.confirmed_timer < ? AND s.confirmed_timer >= ? AND s.confirmed_timer <= ?"
-        " AND t.sensor_state = 'vacant'"
-        # Its car may as well stand unseen in a free slot of its own zone that no sensor watches.
-        " AND NOT EXISTS (SELECT 1 FROM slots d WHERE d.lot = s.lot AND d.zone = s.zone"
-        " AND d.status = 'available' AND d.sensor_state IN ('offline', 'none'))"
-        " ORDER BY s.confirmed_timer, s.id LIMIT 1",
-        (
-            here["lot"],
-            back["zone"],
-            row["confirmed_timer"],
-            seen - txn.settings.drive_time,
-            txn.timer_now - txn.settings.drive_time,
-        ),
-    ).fetchone()
-    if older is None:
-        return
-    _send_back(txn, session_id, here["id"], back)
-    _reseat(txn, older["id"], here, older["slot"], seen, remember=True)
-    slots.refresh(txn, here["id"], "session.moved")
+        " AND s.confirmed_timer >= ? AND s.confirmed_timer <= ? AND t.sensor_state = 'vacant'"
+        " ORDER BY s.confirmed_timer, s.id",
+        (here["lot"], back["zone"], seen - drive, seen - GATE_TO_SLOT),
+    ).fetchall()
+    free, dark = _free_by_zone(txn, here["lot"])
+    free[here["zone"]] = free.get(here["zone"], 0) + 1  # as when the car chose it
+    lot_free = sum(free.values())
+
+    def likelier(other: sqlite3.Row) -> bool:
+        """Whether the car here is likelier the other's (its own car then unseen) than the re-seated one's."""
+        if other["confirmed_timer"] < row["confirmed_timer"]:
+            return dark.get(other["zone"], 0) == 0
+        # Another car found away from its session's slot while the other's car drove in may be the other's.
+        if txn.conn.execute(
+            "SELECT 1 FROM sessions INDEXED BY sessions_reseated_from WHERE state = 'active'"
+            " AND reseated_from IS NOT NULL AND id != ? AND reseated_seen BETWEEN ? AND ?",
+            (session_id, other["confirmed_timer"], other["confirmed_timer"] + drive),
+        ).fetchone():
+            return False
+        theirs = _zone_share(free, lot_free, here["zone"], other["zone"]) * _unseen_share(free, dark, back["zone"])
+        ours = _zone_share(free, lot_free, here["zone"], back["zone"]) * _unseen_share(free, dark, other["zone"])
+        return theirs > ours
+
+    still_driving = []
+    for other in others:
+        if other["confirmed_timer"] > txn.timer_now - drive:
+            still_driving.append(other["confirmed_timer"])
+        elif likelier(other):
+            _send_back(txn, session_id, here["id"], back)
+            _reseat(txn, other["id"], here, other["slot"], seen, remember=True)
+            slots.refresh(txn, here["id"], "session.moved")
+            return
+    if still_driving:
+        timers.schedule(txn, RECHECK, session_id, min(still_driving) + drive)
 
 
 @timers.on_due(OFFLINE)
