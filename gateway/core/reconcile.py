@@ -355,7 +355,8 @@ def _zone_share(free: dict[str, int], lot_free: int, here: str, zone: str) -> fl
 
 
 def _unseen_share(free: dict[str, int], dark: dict[str, int], zone: str) -> float:
-    """How likely a driver sent to `zone` who parks elsewhere stands where no sensor sees it (the same choice)."""
+    """How likely a driver sent to `zone` who parks elsewhere stands where no sensor sees it: of the free slots
+    the driver chooses among as in `_zone_share`, the share that are dark."""
     anywhere = sum(dark.values()) / max(1, sum(free.values()))
     if not free.get(zone, 0):
         return anywhere
