@@ -424,19 +424,27 @@ async def test_a_car_in_a_third_zone_goes_to_the_likelier_zone_and_is_rechecked(
     check_store(cfg)
 
 
+async def aaa_on_its_way_beside_a_dark_slot(s: Site, sensors: tuple[str, ...]) -> dict[str, Any]:
+    """`sensors` report vacant, A-001's then dies (`ZONE_A_DARK_001`), A-002 and A-003 are parked, and AAA111
+    enters: A-004, the last healthy slot of A. Returns its session.started."""
+    for slot in sensors:
+        await s.sensor(slot, False)
+    await s.advance(65)
+    await s.published(lambda: s.alerts("sensor.offline"))  # A-001's sensor died: zone A has a dark free slot
+    for plate in ("PPP002", "PPP003"):  # A-002, A-003
+        await s.park(plate)
+    await s.advance(5)
+    aaa = await s.enter("AAA111")
+    assert aaa["slot"] == "A-004"
+    return aaa
+
+
 async def test_no_recheck_swap_when_the_older_sessions_car_may_stand_unseen_in_its_own_zone(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=ZONE_C, zone_a=ZONE_A_DARK_001)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        for slot in SLOTS_WITH_C:
-            await s.sensor(slot, False)
-        await s.advance(65)
-        await s.published(lambda: s.alerts("sensor.offline"))  # A-001's sensor died: zone A has a dark free slot
-        for plate in ("PPP002", "PPP003"):  # A-002, A-003
-            await s.park(plate)
-        await s.advance(5)
-        aaa = await s.enter("AAA111")  # A-004, the last healthy slot of A
+        aaa = await aaa_on_its_way_beside_a_dark_slot(s, SLOTS_WITH_C)
         await s.advance(60)
         await s.park("PPP004")  # B-001
         bbb = await s.enter("BBB222")  # B-002
@@ -461,14 +469,7 @@ async def test_a_car_given_to_the_older_session_is_rechecked_when_a_younger_ones
 ) -> None:
     cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=ZONE_C, zone_a=ZONE_A_DARK_001)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        for slot in SLOTS_WITH_C:
-            await s.sensor(slot, False)
-        await s.advance(65)
-        await s.published(lambda: s.alerts("sensor.offline"))  # A-001's sensor died: zone A has a dark free slot
-        for plate in ("PPP002", "PPP003"):  # A-002, A-003
-            await s.park(plate)
-        await s.advance(5)
-        aaa = await s.enter("AAA111")  # A-004, the last healthy slot of A
+        aaa = await aaa_on_its_way_beside_a_dark_slot(s, SLOTS_WITH_C)
         await s.advance(60)
         bbb = await s.enter("BBB222")  # B-001
         assert (aaa["slot"], bbb["slot"]) == ("A-004", "B-001")
@@ -497,14 +498,7 @@ async def test_no_recheck_swap_with_a_younger_session_while_another_car_was_foun
     zone_d = '  [[lots.zones]]\n  id = "D"\n  slots = [{ ids = "D-001..D-003" }]'
     cfg = reconcile_config(tmp_path / "state", mosquitto.port, zones=f"{zone_d}\n{ZONE_C}", zone_a=ZONE_A_DARK_001)
     async with site(cfg, ManualClock(), mosquitto.port) as s:
-        for slot in (*SLOTS_WITH_C, "D-001", "D-002", "D-003"):
-            await s.sensor(slot, False)
-        await s.advance(65)
-        await s.published(lambda: s.alerts("sensor.offline"))  # A-001's sensor died: zone A has a dark free slot
-        for plate in ("PPP002", "PPP003"):  # A-002, A-003
-            await s.park(plate)
-        await s.advance(5)
-        aaa = await s.enter("AAA111")  # A-004
+        aaa = await aaa_on_its_way_beside_a_dark_slot(s, (*SLOTS_WITH_C, "D-001", "D-002", "D-003"))
         for plate in ("PPP004", "PPP005", "PPP006"):  # zone B, full
             await s.park(plate)
         await s.advance(41)

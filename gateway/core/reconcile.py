@@ -662,6 +662,8 @@ def _recheck(txn: Txn, session_id: str) -> None:
         " ORDER BY s.confirmed_timer, s.id",
         (here["lot"], back["zone"], seen - drive, seen - GATE_TO_SLOT),
     ).fetchall()
+    if not others:
+        return
     free, dark = _free_by_zone(txn, here["lot"])
     free[here["zone"]] = free.get(here["zone"], 0) + 1  # as when the car chose it
     lot_free = sum(free.values())
